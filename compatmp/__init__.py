@@ -1,0 +1,77 @@
+"""compatmp: Keras/TensorFlow data loading with worker processes, the same on every OS.
+
+One call, ``compatmp.fit(model, dataset, workers=4)``, picks a safe start method for this
+platform (fork, forkserver, spawn or threads, with the reason), ships the dataset to the
+workers intact (locks, lambdas and ``__main__`` classes included), returns batches in order
+through shared memory, and never hangs when a worker dies.
+
+``import compatmp`` never imports TensorFlow or Keras: ``fit``, ``evaluate`` and ``predict``
+load them on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._exceptions import (
+    CompatMPError,
+    SerializationError,
+    StartMethodError,
+    ThreadFallbackWarning,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+)
+from ._platform import (
+    Decision,
+    PlatformFacts,
+    available_methods,
+    decide_start_method,
+    diagnose,
+)
+from ._serialize import (
+    CompatPickler,
+    PickleSafeMixin,
+    Unpicklable,
+    dumps,
+    find_unpicklable,
+    loads,
+)
+from ._threadsafe import threadsafe_generator, threadsafe_iter
+
+__version__ = "0.1.0"
+
+# Names whose module imports Keras: resolved on first attribute access (PEP 562).
+_LAZY = {"evaluate": "._keras", "fit": "._keras", "predict": "._keras"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'compatmp' has no attribute {name!r}")
+
+
+__all__ = [
+    "CompatMPError",
+    "CompatPickler",
+    "Decision",
+    "PickleSafeMixin",
+    "PlatformFacts",
+    "SerializationError",
+    "StartMethodError",
+    "ThreadFallbackWarning",
+    "Unpicklable",
+    "WorkerCrashedError",
+    "WorkerTimeoutError",
+    "available_methods",
+    "decide_start_method",
+    "diagnose",
+    "dumps",
+    "find_unpicklable",
+    "loads",
+    "threadsafe_generator",
+    "threadsafe_iter",
+]
