@@ -409,6 +409,12 @@ def diagnose(facts: PlatformFacts | None = None) -> str:
     try:
         decision = decide_start_method(facts=facts)
         lines += ["", f"Decision: {decision.method}", f"  because {decision.reason}"]
+        if decision.method == "fork" and not facts.tf_eager_initialized:
+            later = decide_start_method(facts=facts.with_(tf_eager_initialized=True))
+            lines.append(
+                f"  Once TensorFlow runs its first op (building a Keras model does), the "
+                f"decision becomes: {later.method}."
+            )
     except StartMethodError as exc:
         decision = None
         lines += ["", f"Decision: error: {exc}"]

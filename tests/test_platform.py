@@ -229,4 +229,5 @@ def test_doctor_command_prints_the_report():
     )
     assert proc.returncode == 0, proc.stderr
     assert "Decision: fork" in proc.stdout
+    assert "the decision becomes: forkserver" in proc.stdout
     assert "Other methods here:" in proc.stdout
