@@ -28,6 +28,7 @@ from ._platform import (
     decide_start_method,
     diagnose,
 )
+from ._pool import OrderedPool
 from ._serialize import (
     CompatPickler,
     PickleSafeMixin,
@@ -37,6 +38,7 @@ from ._serialize import (
     loads,
 )
 from ._threadsafe import threadsafe_generator, threadsafe_iter
+from ._worker import WorkerInfo, get_worker_info
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,7 @@ __all__ = [
     "CompatMPError",
     "CompatPickler",
     "Decision",
+    "OrderedPool",
     "PickleSafeMixin",
     "PlatformFacts",
     "SerializationError",
@@ -65,12 +68,14 @@ __all__ = [
     "ThreadFallbackWarning",
     "Unpicklable",
     "WorkerCrashedError",
+    "WorkerInfo",
     "WorkerTimeoutError",
     "available_methods",
     "decide_start_method",
     "diagnose",
     "dumps",
     "find_unpicklable",
+    "get_worker_info",
     "loads",
     "threadsafe_generator",
     "threadsafe_iter",

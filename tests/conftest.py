@@ -1,0 +1,41 @@
+"""Shared pytest fixtures.
+
+``no_leaked_workers``: for tests that start compatmp workers; after the test, checks that no
+worker process (multiprocessing's forkserver and resource tracker excepted), no worker
+thread and no shared-memory block of this process is left. Use it with
+``pytestmark = pytest.mark.usefixtures("no_leaked_workers")``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from pool_datasets import shm_entries, worker_processes
+
+# How long teardown waits for workers to disappear (seconds): close() takes at most
+# ~2 s (1 s grace, 1 s after SIGTERM); a worker thread ends after its current batch.
+_LEAK_GRACE = 5.0
+
+
+def _worker_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("compatmp-worker-")]
+
+
+@pytest.fixture
+def no_leaked_workers():
+    """Fail the test if it leaves worker processes, worker threads or shm blocks behind."""
+    before = worker_processes()
+    yield
+    deadline = time.monotonic() + _LEAK_GRACE
+    while True:
+        procs = worker_processes() - before
+        threads = _worker_threads()
+        blocks = shm_entries()
+        if not (procs or threads or blocks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not procs, f"worker processes left behind: {sorted(procs)}"
+    assert not threads, f"worker threads left behind: {threads}"
+    assert not blocks, f"shared-memory blocks left behind: {blocks}"

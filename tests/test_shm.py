@@ -1,0 +1,211 @@
+"""Shared-memory batches: encode/decode round trips, ownership, and no leaks at exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import pytest
+from pool_datasets import (
+    ALL_METHODS,
+    PROCESS_METHODS,
+    ArrayDataset,
+    BusyAfterDataset,
+    assert_batches_equal,
+    sample_batch,
+    shm_entries,
+)
+
+from compatmp import _shm
+from compatmp._pool import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT, OrderedPool
+
+pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+
+
+@pytest.fixture
+def prefix():
+    p = _shm.block_prefix(os.getpid(), "t001")
+    yield p
+    _shm.sweep(p)
+
+
+def test_round_trip_keeps_dtype_shape_values_and_structure(prefix):
+    blocks = _shm.BlockPool(prefix)
+    batch = sample_batch(1)
+    encoded = blocks.encode(batch, key=0)
+    # The big arrays moved (the strided view of `big` is 44 KiB: small, it stays).
+    moved = _shm.names(encoded)
+    assert len(moved) == 6
+    assert sorted(moved) == shm_entries()
+    assert_batches_equal(_shm.decode(encoded), batch)
+    assert sorted(moved) == shm_entries()  # decode never unlinks: the worker owns them
+    blocks.close()
+    assert shm_entries() == []
+
+
+def test_small_object_and_empty_arrays_stay_in_the_batch(prefix):
+    small = np.arange(10)
+    obj = np.array([1, None], dtype=object)
+    empty = np.zeros((0, 3))
+    batch = (small, obj, empty, "leaf", 7)
+    blocks = _shm.BlockPool(prefix, threshold=0)
+    encoded = blocks.encode(batch, key=0)
+    assert len(_shm.names(encoded)) == 1  # only `small` moved
+    assert encoded[1] is obj and encoded[2] is empty
+    assert_batches_equal(_shm.decode(encoded), batch)
+    assert _shm.BlockPool(prefix).encode(batch, key=0) is batch  # nothing >= 256 KiB
+    blocks.close()
+
+
+def test_zero_d_non_contiguous_and_fortran_arrays(prefix):
+    base = np.arange(24, dtype=np.int16).reshape(4, 6)
+    batch = {
+        "scalar": np.array(2.5, dtype=np.float32),
+        "strided": base[:, ::2],
+        "fortran": np.asfortranarray(base),
+        "structured": np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
+    }
+    blocks = _shm.BlockPool(prefix, threshold=0)
+    encoded = blocks.encode(batch, key=0)
+    assert len(_shm.names(encoded)) == 4
+    decoded = _shm.decode(encoded)
+    assert_batches_equal(decoded, batch)
+    assert decoded["scalar"].shape == ()
+    assert decoded["fortran"].flags.f_contiguous
+    assert decoded["strided"].flags.c_contiguous
+    blocks.close()
+
+
+def test_released_blocks_are_reused_and_bounded(prefix):
+    blocks = _shm.BlockPool(prefix, max_free=2)
+    a = np.ones((300, 300))
+    first = _shm.names(blocks.encode((a, a), key=0))
+    blocks.release(0)
+    second = _shm.names(blocks.encode((a * 2, a * 3), key=1))
+    assert sorted(second) == sorted(first)  # same blocks, new content
+    assert_batches_equal(_shm.decode(blocks.encode((a * 2,), key=9)), (a * 2,))
+    # Keys 1 and 9 hold three blocks; releasing all keeps only max_free=2 of them.
+    blocks.release(1)
+    blocks.release(9)
+    assert len(shm_entries()) == 2
+    blocks.release("unknown")  # ignored
+    blocks.close()
+    assert shm_entries() == []
+
+
+def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch):
+    monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: 10 * 1024 * 1024)
+    batch = (np.ones(1_000_000),)
+    assert _shm.BlockPool(prefix).encode(batch, key=0) is batch
+    assert shm_entries() == []
+
+
+def test_decode_of_a_vanished_block_says_so(prefix):
+    blocks = _shm.BlockPool(prefix)
+    encoded = blocks.encode((np.ones((300, 300)),), key=0)
+    SharedMemory(name=encoded[0].name).unlink()  # someone else removed it
+    with pytest.raises(FileNotFoundError, match="vanished"):
+        _shm.decode(encoded)
+    blocks.close()
+
+
+def test_sweep_finds_only_its_prefix(prefix):
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("this OS cannot list shared memory")
+    other = _shm.block_prefix(os.getpid(), "t002")
+    mine = _shm.names(_shm.BlockPool(prefix).encode((np.ones(100_000),), key=0))
+    theirs = _shm.names(_shm.BlockPool(other).encode((np.ones(100_000),), key=0))
+    assert _shm.sweep(prefix) == mine
+    assert shm_entries() == theirs
+    assert _shm.sweep(other) == theirs
+    with pytest.raises(ValueError, match="non-empty prefix"):
+        _shm.sweep("")
+
+
+def test_block_names_fit_macos_limit():
+    prefix = _shm.block_prefix(9_999_999, "ffff")
+    assert len("/" + prefix) + 2 * _shm._BLOCK_TOKEN_BYTES <= 31
+    with pytest.raises(ValueError, match="31 characters"):
+        _shm.block_prefix(9_999_999, "toolongtoken")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_pool_round_trip(method):
+    ds = ArrayDataset()
+    with OrderedPool(ds, workers=2, start_method=method) as pool:
+        for i, batch in enumerate(pool.imap(range(len(ds)))):
+            assert_batches_equal(batch, sample_batch(i))
+            assert shm_entries() == [] or pool.decision.uses_processes
+    assert shm_entries() == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_busy_worker_unlinks_its_blocks_on_sigterm(method, monkeypatch):
+    monkeypatch.setattr(_shm, "sweep", lambda prefix: [])  # prove the workers did it
+    with OrderedPool(
+        BusyAfterDataset(10, busy_from=2, seconds=30), workers=1, start_method=method
+    ) as pool:
+        it = pool.imap(range(10))
+        assert [int(next(it)[0, 0]) for _ in range(2)] == [0, 1]
+        assert shm_entries()  # the worker keeps its released blocks for reuse
+        start = time.monotonic()
+    # close(): the worker is busy in dataset[2], so it gets SIGTERM after the grace period.
+    assert time.monotonic() - start < SHUTDOWN_TIMEOUT + TERMINATE_TIMEOUT
+    assert shm_entries() == []
+
+
+_EXIT_SCRIPT = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from pool_datasets import BigArrayDataset, DiesAfterBlocksDataset
+from compatmp._pool import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT, OrderedPool
+from compatmp import WorkerCrashedError
+
+# 1. closed with big batches in flight
+pool = OrderedPool(BigArrayDataset(50, (512, 512), delay=0.01), workers=2,
+                   start_method={method!r}, max_queue_size=8)
+it = pool.imap(range(50))
+next(it); next(it)
+time.sleep(0.3)  # let results with blocks pile up in the pipes
+pool.close()
+# 2. a worker dies after creating a block, before sending its descriptor
+with OrderedPool(DiesAfterBlocksDataset(6, bad=2), workers=1, start_method={method!r}) as pool:
+    try:
+        list(pool.imap(range(6)))
+    except WorkerCrashedError as exc:
+        print("crashed:", exc.exitcode)
+# 3. garbage collected with batches in flight, never closed explicitly
+pool = OrderedPool(BigArrayDataset(20, (512, 512)), workers=2, start_method={method!r})
+it = pool.imap(range(20))
+next(it)
+del it, pool
+print("left:", sorted(e for e in os.listdir("/dev/shm") if e.startswith("cmp%d_" % os.getpid())))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_no_leak_and_no_resource_tracker_warning_at_exit(method):
+    script = _EXIT_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "crashed: 3" in proc.stdout
+    assert "left: []" in proc.stdout
+    assert "resource_tracker" not in proc.stderr, proc.stderr
+    assert "leaked" not in proc.stderr, proc.stderr
