@@ -11,7 +11,7 @@ load them on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._exceptions import (
     CompatMPError,
@@ -39,6 +39,9 @@ from ._serialize import (
 )
 from ._threadsafe import threadsafe_generator, threadsafe_iter
 from ._worker import WorkerInfo, get_worker_info
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__
+    from ._keras import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
@@ -74,9 +77,12 @@ __all__ = [
     "decide_start_method",
     "diagnose",
     "dumps",
+    "evaluate",
     "find_unpicklable",
+    "fit",
     "get_worker_info",
     "loads",
+    "predict",
     "threadsafe_generator",
     "threadsafe_iter",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import compatmp
 
 PUBLIC = {
@@ -25,9 +27,12 @@ PUBLIC = {
     "decide_start_method",
     "diagnose",
     "dumps",
+    "evaluate",
     "find_unpicklable",
+    "fit",
     "get_worker_info",
     "loads",
+    "predict",
     "threadsafe_generator",
     "threadsafe_iter",
 }
@@ -40,8 +45,17 @@ def test_all_is_exactly_the_public_api_and_sorted():
 
 def test_every_public_name_resolves_and_has_a_docstring():
     for name in compatmp.__all__:
+        if name in compatmp._LAZY:
+            continue  # needs Keras: checked below
         obj = getattr(compatmp, name)
         assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+
+
+def test_keras_entry_points_resolve_lazily_and_are_documented():
+    pytest.importorskip("keras")
+    for name in sorted(compatmp._LAZY):
+        obj = getattr(compatmp, name)
+        assert callable(obj) and "Args:" in obj.__doc__, name
 
 
 def test_exception_hierarchy_matches_stdlib_types():
