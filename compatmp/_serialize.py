@@ -384,7 +384,9 @@ class Unpicklable:
     Attributes:
         path (str): attribute path from the root, e.g. ``"dataset.cache._conn"``; dict entries
             appear as ``["key"]``, sequence items as ``[3]``, closure variables as
-            ``.<closure name>`` and globals used by a function as ``.<global name>``.
+            ``.<closure name>``, globals used by a function as ``.<global name>``, default
+            arguments as ``.<default name>`` and items of sets and SimpleQueues as
+            ``.<item i>``.
         type_name (str): qualified type of the object, e.g. ``"sqlite3.Connection"``.
         error (str): the error pickling it raised, as ``"TypeError: cannot pickle ..."``.
     """
@@ -469,6 +471,10 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
         out = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
     elif isinstance(obj, (set, frozenset)):
         out = [(f"{path}.<item {i}>", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, _SimpleQueueTypes):
+        # Its __reduce_ex__ refuses, but dumps sends its items (_simple_queue_reduce).
+        items = _simple_queue_reduce(obj)[1][0]
+        out = [(f"{path}.<item {i}>", v) for i, v in enumerate(items)]
     elif isinstance(obj, types.FunctionType):
         if obj.__closure__:
             for name, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
@@ -479,6 +485,14 @@ def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
         for name in obj.__code__.co_names:
             if name in obj.__globals__:
                 out.append((f"{path}.<global {name}>", obj.__globals__[name]))
+        if obj.__defaults__:
+            code = obj.__code__
+            names = code.co_varnames[: code.co_argcount][-len(obj.__defaults__) :]
+            out += [
+                (f"{path}.<default {n}>", v) for n, v in zip(names, obj.__defaults__, strict=True)
+            ]
+        for name, value in (obj.__kwdefaults__ or {}).items():
+            out.append((f"{path}.<default {name}>", value))
     elif isinstance(obj, types.MethodType):
         out = [(f"{path}.__self__", obj.__self__), (f"{path}.__func__", obj.__func__)]
     elif not isinstance(obj, type):
