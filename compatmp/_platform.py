@@ -31,6 +31,9 @@ psutil elsewhere). ``import numpy`` alone adds an OpenBLAS worker thread, yet fo
 then: OpenBLAS parks its pool in a ``pthread_atfork`` handler. So threads of BLAS pools that
 threadpoolctl reports (``num_threads - 1`` workers each; the caller is the other) are not
 counted. OpenMP pools start lazily, so their threads stay counted, which errs towards safety.
+threadpoolctl reports a pool's configured size, not its live threads: after a ``fork()`` the
+parent's OpenBLAS workers may be gone while still reported, which would hide a real thread. So
+Python-level threads (``threading.active_count()``) give a floor that BLAS can never cancel.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -144,8 +148,10 @@ class PlatformFacts:
         available_methods (tuple[str, ...]): start methods multiprocessing offers here.
         thread_count (int): native OS threads of the process, main thread included
             (default: 1).
-        blas_threads (int): of those, worker threads of BLAS pools that are safe across fork
-            (default: 0).
+        blas_threads (int): of those, worker threads of BLAS pools that are safe across fork,
+            as threadpoolctl reports them (default: 0).
+        python_threads (int): threads the ``threading`` module knows, main thread included
+            (``threading.active_count()``; default: 1). A floor for :attr:`other_threads`.
         tf_imported (bool): ``tensorflow`` is in ``sys.modules`` (default: False).
         tf_eager_initialized (bool): TensorFlow's eager context exists, i.e. TensorFlow has
             started its thread pools (default: False).
@@ -162,6 +168,7 @@ class PlatformFacts:
     available_methods: tuple[str, ...]
     thread_count: int = 1
     blas_threads: int = 0
+    python_threads: int = 1
     tf_imported: bool = False
     tf_eager_initialized: bool = False
     torch_cuda_initialized: bool = False
@@ -171,8 +178,13 @@ class PlatformFacts:
 
     @property
     def other_threads(self) -> int:
-        """Threads besides the main thread and BLAS pool workers: the ones fork endangers."""
-        return max(0, self.thread_count - 1 - self.blas_threads)
+        """Threads besides the main thread and BLAS pool workers: the ones fork endangers.
+
+        ``max(thread_count - 1 - blas_threads, python_threads - 1)``: BLAS threads are
+        subtracted from the native count, but never below the Python threads, which are
+        certainly not BLAS workers (threadpoolctl can over-report after a fork).
+        """
+        return max(0, self.thread_count - 1 - self.blas_threads, self.python_threads - 1)
 
     @classmethod
     def current(cls) -> PlatformFacts:
@@ -192,6 +204,7 @@ class PlatformFacts:
             available_methods=tuple(available_methods()),
             thread_count=_native_thread_count(),
             blas_threads=_blas_pool_threads(),
+            python_threads=threading.active_count(),
             tf_imported="tensorflow" in sys.modules,
             tf_eager_initialized=_tf_eager_initialized(),
             torch_cuda_initialized=_torch_cuda_initialized(),
@@ -394,6 +407,7 @@ def diagnose(facts: PlatformFacts | None = None) -> str:
         (
             "OS threads",
             f"{facts.thread_count} ({facts.blas_threads} in BLAS pools, "
+            f"{facts.python_threads} known to Python, "
             f"{facts.other_threads} others besides main)",
         ),
         ("tensorflow imported", facts.tf_imported),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -168,18 +168,57 @@ def test_current_facts_describe_this_process():
     assert facts.frozen is False
 
 
+def _run_fresh(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter (no threads left by other tests) and split stdout."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=True,
+    ).stdout.split()
+
+
 def test_current_counts_native_threads_not_just_python_ones():
-    before = PlatformFacts.current().thread_count
-    stop = threading.Event()
-    t = threading.Thread(target=stop.wait, daemon=True)
-    t.start()
-    try:
-        assert PlatformFacts.current().thread_count == before + 1
-        assert PlatformFacts.current().other_threads >= 1
-        assert decide_start_method().method in ("forkserver", "spawn")
-    finally:
-        stop.set()
-        t.join(5)
+    # In a fresh process: in this one, TensorFlow's pools start and stop threads at will.
+    code = (
+        "import threading, compatmp\n"
+        "before = compatmp.PlatformFacts.current().thread_count\n"
+        "stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+        "f = compatmp.PlatformFacts.current()\n"
+        "print(before, f.thread_count, f.other_threads, compatmp.decide_start_method().method)\n"
+        "stop.set(); t.join()\n"
+    )
+    before, after, other, method = _run_fresh(code)
+    assert int(after) == int(before) + 1
+    assert int(other) >= 1
+    assert method in ("forkserver", "spawn")
+
+
+def test_python_threads_are_a_floor_that_blas_cannot_cancel():
+    # threadpoolctl reports a pool's size, not its live threads; a real thread must count.
+    facts = LINUX_312.with_(thread_count=2, blas_threads=1, python_threads=2)
+    assert facts.other_threads == 1
+    assert decide_start_method(facts=facts).method == "forkserver"
+
+
+def test_thread_started_after_a_fork_is_not_mistaken_for_blas():
+    # After fork() the parent's OpenBLAS worker can be gone while threadpoolctl still reports
+    # it; a Python thread started then must still rule fork out.
+    code = (
+        "import numpy, os, threading, multiprocessing as mp, compatmp\n"
+        "p = mp.get_context('fork').Process(target=int); p.start(); p.join()\n"
+        "stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+        "f = compatmp.PlatformFacts.current()\n"
+        "print(f.python_threads, f.other_threads, compatmp.decide_start_method().method)\n"
+        "stop.set(); t.join()\n"
+    )
+    python_threads, other, method = _run_fresh(code)
+    assert int(python_threads) == 2
+    assert int(other) >= 1
+    assert method in ("forkserver", "spawn")
 
 
 def test_fresh_process_with_numpy_decides_fork():
