@@ -1516,6 +1516,18 @@ def main(argv: list[str] | None = None) -> int:
                     "image_size": image_size,
                 }
                 plan.append((workload, cfg, spec))
+    if wanted is not None:
+        known = {
+            cfg.name
+            for workload in WORKLOADS
+            for section in SECTIONS
+            for cfg in _configs(section, workload, methods, {"keras": True, "torch": True})
+        }
+        unknown_configs = sorted(wanted - known)
+        if unknown_configs:
+            _parser().error(
+                f"--configs: unknown {unknown_configs}; valid names: {', '.join(sorted(known))}"
+            )
     if not plan:
         _parser().error("nothing to run: check --workload, --sections and --configs")
 

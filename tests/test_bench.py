@@ -99,6 +99,7 @@ def test_quick_cli_prints_table_and_writes_json(tmp_path):
         (["--workers", "0"], "expected an integer >= 1"),
         (["--workload", "nope"], "invalid choice"),
         (["--timeout", "0"], "--timeout must be > 0"),
+        (["--configs", "serial,compatmp-bogus"], "unknown ['compatmp-bogus']"),
     ],
 )
 def test_bad_arguments_say_what_is_valid(args, message, capsys):
