@@ -9,10 +9,11 @@ Data flow (one pool, ``workers=3``; ``imap`` runs in the consumer's thread, no h
       dispatched and not yet                                       |     dataset[index]
       yielded)                                                     |     big arrays -> its
                                                                    |      SharedMemory blocks
-                  +-- wait(pipes + process sentinels, 0.1 s) <--------- ("ok", send_idx, batch)
-                  |     message  -> decode: attach each block, copy|     ("err", send_idx, ...)
-                  |                 it out; ("release", send_idx) ----> block reusable
-                  |                 store the batch by send_idx    |
+                  +-- wait(pipes + process sentinels, 0.1 s) <--------- ("ok", send_idx, batch,
+                  |     message  -> view each block (zero-copy)    |      dropped), ("err", ...)
+                  |                 store the batch by send_idx;   |
+                  |     consumer dropped the batch's arrays:       |
+                  |                 ("release", send_idx) ---------->  blocks reusable
                   |     sentinel -> WorkerCrashedError (pid, code, |   worker_main loop 1
                   |                 index it held)                 |   worker_main loop 2
                   |     nothing  -> timeout? WorkerTimeoutError    |
@@ -163,32 +164,104 @@ def _install_preparation_hook() -> None:
         spawn.get_preparation_data = get_preparation_data
 
 
-def _start_without_main(proc: Any) -> None:
+def _start_without_main(proc: Any, method: str) -> None:
     _launching.active = True
     try:
-        proc.start()
+        with _sigint_blocked(method):
+            proc.start()
     finally:
         _launching.active = False
 
 
+class _sigint_blocked:
+    """Block SIGINT in this thread while a fork or spawn worker starts.
+
+    A child inherits the signal mask across ``fork()`` and ``exec()``, so the worker is born
+    with SIGINT blocked: a Ctrl-C while it still imports NumPy (spawn: ~0.3 s) stays pending
+    instead of killing it, and is discarded when the worker ignores SIGINT
+    (``_worker.worker_main``, which then unblocks it). Here the signal is not lost: another
+    thread takes it, or it is delivered when the mask is restored. Skipped for forkserver
+    (its children inherit the *server's* mask; blocking here while the server starts would
+    leak into every later child of other users), which leaves its children a window of a few
+    milliseconds (fork in the server to ``worker_main``), and where ``pthread_sigmask`` is
+    missing (Windows).
+    """
+
+    def __init__(self, method: str) -> None:
+        self.active = method in ("fork", "spawn") and hasattr(signal, "pthread_sigmask")
+        self.old: Any = None
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+
+
 def _pickled_modules(data: bytes) -> set[str]:
-    """Top-level packages, already imported here, whose names a pickle mentions.
+    """Top-level packages, already imported here, that unpickling ``data`` will import.
 
     Any string in the pickle that is a key of ``sys.modules`` counts: module names of
     ``GLOBAL``/``STACK_GLOBAL`` opcodes, and modules cloudpickle imports by name for code it
     sends by value (``subimport("numpy")``). A data string that happens to equal a module
-    name only adds a harmless preload.
+    name only adds a harmless preload. A class referred to by name also brings the packages
+    of its base classes (a ``keras.utils.PyDataset`` subclass defined in the user's module
+    makes the worker import Keras, hence TensorFlow): :func:`_global_bases`.
     """
     found: set[str] = set()
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # recent values pushed by string and memo-get opcodes
     try:
-        for _op, arg, _pos in pickletools.genops(data):
+        for op, arg, _pos in pickletools.genops(data):
+            name = op.name
             if isinstance(arg, str):
-                for name in arg.split(" ")[:1]:  # GLOBAL's arg is "module qualname"
-                    if name in sys.modules:
-                        found.add(name.split(".")[0])
+                module = arg.split(" ")[0]  # GLOBAL's arg is "module qualname"
+                if module in sys.modules:
+                    found.add(module.split(".")[0])
+                if name == "GLOBAL" and " " in arg:
+                    found |= _global_bases(*arg.split(" ", 1))
+                pushed.append(arg)
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed.append(memo.get(arg))
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg] = pushed[-1] if pushed else None
+            elif name == "STACK_GLOBAL" and len(pushed) >= 2:
+                module, qualname = pushed[-2], pushed[-1]
+                if isinstance(module, str) and isinstance(qualname, str):
+                    found |= _global_bases(module, qualname)
+            else:
+                pushed.append(None)
+            del pushed[:-2]
     except Exception:  # a truncated or odd pickle: preload what we found so far
         pass
     return found
+
+
+def _global_bases(module: str, qualname: str) -> set[str]:
+    """Top-level packages of the base classes of ``module.qualname``, if it is a class.
+
+    Looked up without importing anything and without triggering a module ``__getattr__``
+    (only ``vars()``), so it is safe on any pickle.
+    """
+    obj: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None:
+            return set()
+        try:
+            obj = vars(obj).get(part)
+        except TypeError:  # no __dict__
+            return set()
+    if not isinstance(obj, type):
+        return set()
+    return {
+        base.__module__.split(".")[0]
+        for base in obj.__mro__
+        if isinstance(getattr(base, "__module__", None), str) and base.__module__ in sys.modules
+    }
 
 
 def _forkserver_preload(ctx: Any, payloads: list[bytes]) -> list[str]:
@@ -308,6 +381,12 @@ class _Core:
         self.rr = 0
         self.cond = threading.Condition(threading.Lock())  # thread mode: "a message arrived"
         self.shm_prefix: str | None = None
+        # Zero-copy batches (process mode): views of the workers' blocks, released when the
+        # consumer drops them. Finalizers run in any thread and only append to the deque;
+        # the pump sends the releases (NOTE [ Shared-memory ownership ] in _shm).
+        self.released: collections.deque[int] = collections.deque()
+        self.leased: dict[int, _Handle] = {}  # send_idx -> worker whose blocks it views
+        self.attachments = _shm.Attachments(self.released.append)
         self.start_time = time.monotonic()
         self.ready_times: dict[int, float] = {}
         self.preload: list[str] = []
@@ -359,7 +438,7 @@ class _Core:
                 handle = _ProcessHandle(i, _worker.ConnectionChannel(main_conn), proc)
                 self.handles.append(handle)
                 try:
-                    _start_without_main(proc)
+                    _start_without_main(proc, self.method)
                 finally:
                     child_conn.close()
                 handle.pid = proc.pid
@@ -453,11 +532,24 @@ class _Core:
         with self.io_lock:
             if self.closed:
                 raise _PoolClosed
+            self._send_releases()
             readable, dead = self._wait(timeout)
             for h in readable:
                 self._drain(h)
             if dead:
                 self._raise_if_dead(dead)
+
+    def _send_releases(self) -> None:
+        """Tell workers which batches the consumer has let go of (their blocks are free)."""
+        while self.released:
+            send_idx = self.released.popleft()
+            handle = self.leased.pop(send_idx, None)
+            if handle is None or handle.stopping:
+                continue
+            try:
+                handle.channel.send((_worker.RELEASE, send_idx))
+            except (EOFError, OSError):
+                pass  # the worker is gone; its sentinel reports it
 
     def _drain(self, handle: _Handle) -> None:
         ch = handle.channel
@@ -473,25 +565,30 @@ class _Core:
     def _on_message(self, handle: _Handle, msg: tuple) -> None:
         kind = msg[0]
         if kind == _worker.OK:
-            send_idx, batch = msg[1], msg[2]
+            send_idx, batch, dropped = msg[1], msg[2], msg[3]
             self._task_done(handle, send_idx)
+            if dropped:
+                self.attachments.drop(dropped)  # before any later block of this worker
             if self.closed:
                 return  # the worker unlinks its blocks as it exits
+            if not self.in_process:
+                if send_idx in self.orphans:
+                    self.orphans.discard(send_idx)
+                else:
+                    self.results[send_idx] = batch
+                return
+            # NOTE [ Shared-memory ownership ]: the batch's blocks stay the worker's; they are
+            # released when the consumer has dropped every array viewing them.
+            if _shm.names(batch):
+                self.leased[send_idx] = handle
             if send_idx in self.orphans:
                 self.orphans.discard(send_idx)
-            elif not self.in_process:
-                self.results[send_idx] = batch
-            else:
-                try:
-                    self.results[send_idx] = _shm.decode(batch)
-                except Exception as exc:
-                    self.results[send_idx] = _Failure(exc)
-            if self.in_process and _shm.names(batch):
-                # NOTE [ Shared-memory ownership ]: copied out; the worker may reuse them.
-                try:
-                    handle.channel.send((_worker.RELEASE, send_idx))
-                except (EOFError, OSError):
-                    pass  # the worker is gone; its sentinel reports it
+                self.released.append(send_idx)
+                return
+            try:
+                self.results[send_idx] = self.attachments.view(batch, send_idx)
+            except Exception as exc:
+                self.results[send_idx] = _Failure(exc)
         elif kind == _worker.ERR:
             send_idx = msg[1]
             exc = _worker.rebuild_exception(msg, by_reference=not self.in_process)
@@ -657,6 +754,9 @@ class _Core:
         for h in self.handles:
             self._drain_quietly(h)
             h.channel.close()
+        self.attachments.close()  # arrays the consumer still holds stay valid
+        self.leased.clear()
+        self.released.clear()
         if self.shm_prefix is not None:
             _shm.sweep(self.shm_prefix)
 
@@ -753,8 +853,14 @@ class OrderedPool:
 
     Processes (fork, forkserver or spawn, chosen by :func:`compatmp.decide_start_method`) or
     threads; workers start once, in the constructor, and serve every epoch until
-    :meth:`close`. Big NumPy arrays in batches travel through shared memory. See the module
-    docstring for the data flow and the reasons behind it.
+    :meth:`close`. See the module docstring for the data flow and the reasons behind it.
+
+    Big NumPy arrays (>= 256 KiB, ``compatmp._shm.SHM_THRESHOLD``) in batches of worker
+    processes travel through shared memory and arrive zero-copy: they are writable views of
+    the worker's shared-memory block, valid for as long as you hold them (also after
+    :meth:`close`). A block is reused once every array viewing it is garbage, so holding many
+    batches holds as many blocks in ``/dev/shm``; when that filesystem is nearly full, batches
+    travel through the pipe instead.
 
     Use as a context manager::
 

@@ -13,14 +13,17 @@ main -> worker::
     ("task", send_idx, index)          compute dataset[index]
     ("dataset", version, payload)      replace the dataset (pickled bytes, or the object in
                                        thread mode), then answer ("updated", version)
-    ("release", send_idx)              the main process has copied that batch out of its
-                                       shared-memory blocks: they may be reused
+    ("release", send_idx)              the main process no longer uses that batch's
+                                       shared-memory blocks (its last view is garbage):
+                                       they may be reused
     ("stop",)                          leave the loop and exit
 
 worker -> main::
 
     ("ready", worker_id, pid)          dataset loaded, worker_init_fn ran, seeds set
-    ("ok", send_idx, batch)            the batch; big arrays replaced by _shm.ShmArray
+    ("ok", send_idx, batch, dropped)   the batch, big arrays replaced by _shm.ShmArray;
+                                       dropped: names of the blocks this worker unlinked
+                                       since its last "ok" (the main closes its handles)
     ("updated", version)               the new dataset is in place
     ("err", send_idx, exc_payload, type_name, message, traceback_text)
                                        dataset[index] (send_idx), or start-up / dataset update
@@ -477,6 +480,8 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
     if config.in_process:
         # NOTE [ Workers never hang ]: Ctrl-C is for the main process; SIGTERM unwinds.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):  # born blocked (_pool._sigint_blocked)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, _on_sigterm)
     seed64, words = derive_seed(config.base_seed, config.worker_id)
     info = WorkerInfo(config.worker_id, config.num_workers, seed64)
@@ -574,13 +579,15 @@ def _run_task(
         _send(channel, _pack_exception(exc, send_idx, by_reference))
         return
     try:
-        channel.send((OK, send_idx, batch))
+        dropped = blocks.take_dropped() if blocks is not None else []
+        channel.send((OK, send_idx, batch, dropped))
     except _Terminated:
         raise
     except (EOFError, OSError) as exc:
         raise _MainGone from exc  # blocks are unlinked on the way out
     except BaseException as exc:  # the batch cannot be pickled
         if blocks is not None:
+            blocks.dropped[:0] = dropped  # not sent either: say it with the next batch
             blocks.release(send_idx)  # never sent: ours to reuse at once
         _send(channel, _pack_exception(exc, send_idx, by_reference))
 

@@ -7,6 +7,7 @@ hands ``sys.path`` to its children.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import threading
@@ -392,3 +393,13 @@ def assert_batches_equal(got: Any, expected: Any) -> None:
             assert_batches_equal(g, e)
     else:
         assert got == expected
+
+
+class NamespaceDataset(argparse.Namespace):
+    """A dataset whose base class lives in another package (as a ``PyDataset`` subclass's)."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> int:
+        return i

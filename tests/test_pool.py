@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from pool_datasets import (
     HoldsGenerator,
     InfoDataset,
     LoadError,
+    NamespaceDataset,
     PidThenSleepDataset,
     RaisingDataset,
     RangeDataset,
@@ -42,6 +44,8 @@ from compatmp import (
     ThreadFallbackWarning,
     WorkerCrashedError,
     WorkerTimeoutError,
+    _pool,
+    dumps,
 )
 from compatmp._pool import SHUTDOWN_TIMEOUT, OrderedPool
 from compatmp._shm import MAX_FREE_BLOCKS
@@ -348,13 +352,15 @@ def test_hundred_epochs_on_one_pool_do_not_grow_fds_threads_or_processes(method)
         for epoch in range(100):
             out = list(pool.imap(range(8)))
             assert [int(b[0, 0]) for b in out] == list(range(8))
-            if epoch == 0:
+            if epoch == 2:
+                # Steady state from here: the epoch held in `out`, the one before it (whose
+                # release goes out with the next epoch's first message) and the free lists.
                 first = _resources()
                 pids = worker_processes()
         assert _resources() == first
         assert worker_processes() == pids  # workers started once, not once per epoch
-        # Workers keep released blocks for reuse, a bounded number (unlinked on close).
-        assert len(shm_entries()) <= pool.workers * MAX_FREE_BLOCKS
+        # Blocks, and the main process's handles (fds) to them, stay bounded: unlinked on close.
+        assert len(shm_entries()) <= 8 + 8 + pool.workers * MAX_FREE_BLOCKS
 
 
 @pytest.mark.timeout(60)
@@ -551,6 +557,9 @@ def test_workers_ignore_sigint(method):
     with OrderedPool(RangeDataset(20, max_delay=0.05), workers=2, start_method=method) as pool:
         it = pool.imap(range(20))
         assert next(it)[0] == 0
+        deadline = time.monotonic() + 10
+        while not all(h.ready for h in pool._core.handles) and time.monotonic() < deadline:
+            pool._core.pump(0.05)  # both workers past start-up: this test is about running ones
         workers = [pid for pid, _ in worker_processes() - before]
         assert len(workers) == 2
         for pid in workers:
@@ -560,8 +569,37 @@ def test_workers_ignore_sigint(method):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "forkserver"])
+def test_workers_still_starting_survive_sigint(method):
+    # Spawn workers import NumPy and compatmp for ~0.3 s before they can ignore SIGINT; they
+    # are born with SIGINT blocked, so a Ctrl-C then does not kill them. (Forkserver children
+    # inherit the server's mask; their window of a few ms is left open: _pool._sigint_blocked.)
+    before = worker_processes()
+    with OrderedPool(RangeDataset(6), workers=2, start_method=method) as pool:
+        workers = [pid for pid, _ in worker_processes() - before]
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)
+        assert [i for i, _ in pool.imap(range(6))] == list(range(6))
+        assert all(pid_alive(pid) for pid in workers)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", PROCESS_METHODS)
 def test_unpicklable_index_is_a_clear_type_error(method):
     with OrderedPool(RangeDataset(4), workers=1, start_method=method) as pool:
         with pytest.raises(TypeError, match=r"batch index .* cannot be sent to worker processes"):
             list(pool.imap([0, lambda: 1]))
+
+
+def test_forkserver_preload_includes_packages_of_base_classes():
+    # The pickle names only "pool_datasets"; unpickling also imports argparse, the base's
+    # package (for a PyDataset subclass: keras, i.e. TensorFlow, ~3 s per worker).
+    payload = dumps(NamespaceDataset())
+    modules = _pool._pickled_modules(payload)
+    assert {"pool_datasets", "argparse"} <= modules
+    # Protocol 0 pickles use GLOBAL "module qualname" instead of STACK_GLOBAL.
+    assert "argparse" in _pool._pickled_modules(pickle.dumps(NamespaceDataset(), protocol=0))
+    # Names are looked up, never imported or resolved through a module __getattr__.
+    assert _pool._global_bases("no_such_module_xyz", "Thing") == set()
+    assert _pool._global_bases("argparse", "no_such_name") == set()

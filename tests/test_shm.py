@@ -15,6 +15,7 @@ from pool_datasets import (
     ALL_METHODS,
     PROCESS_METHODS,
     ArrayDataset,
+    BigArrayDataset,
     BusyAfterDataset,
     assert_batches_equal,
     sample_batch,
@@ -117,6 +118,86 @@ def test_decode_of_a_vanished_block_says_so(prefix):
     blocks.close()
 
 
+def _mapped_blocks(prefix: str) -> int:
+    """Mappings of this process onto blocks named ``prefix...`` (Linux: /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "/dev/shm/" + prefix in line)
+
+
+def test_views_share_the_block_and_release_when_the_last_view_is_gone(prefix):
+    blocks = _shm.BlockPool(prefix)
+    a, b = np.arange(100_000.0), np.ones((300, 300), dtype=np.float32, order="F")
+    encoded = blocks.encode({"a": a, "b": [b], "small": 7}, key=0)
+    released = []
+    att = _shm.Attachments(released.append)
+    batch = att.view(encoded, key=0)
+    assert_batches_equal(batch, {"a": a, "b": [b], "small": 7})
+    assert batch["b"][0].flags.f_contiguous
+    # Zero-copy: the array is the block, as the worker sees it.
+    writer = SharedMemory(name=encoded["a"].name)
+    np.ndarray(a.shape, a.dtype, buffer=writer.buf)[0] = -1.0
+    writer.close()
+    assert batch["a"][0] == -1.0
+    assert len(att) == 2
+    tail = batch["a"][10:]  # a NumPy view keeps the block leased
+    del batch
+    assert released == []
+    del tail
+    assert released == [0]
+    blocks.release(0)
+    blocks.close()
+    att.close()
+    assert len(att) == 0
+    assert shm_entries() == []
+
+
+def test_attachments_close_handles_of_dropped_blocks_once_unused(prefix):
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("needs /proc/self/maps to see mappings")
+    blocks = _shm.BlockPool(prefix, max_free=0)  # every released block is unlinked
+    released = []
+    att = _shm.Attachments(released.append)
+    first = att.view(blocks.encode((np.ones(100_000),), key=0), key=0)
+    kept = first[0]
+    del first
+    blocks.release(0)  # the worker unlinks it (max_free=0), closes its mapping, will say so
+    assert _mapped_blocks(prefix) == 1  # ours
+    dropped = blocks.take_dropped()
+    assert len(dropped) == 1 and blocks.take_dropped() == []
+    att.drop(dropped)
+    assert len(att) == 1  # still viewed by `kept`
+    assert kept.sum() == 100_000  # an unlinked block stays readable while mapped
+    del kept
+    assert len(att) == 0 and _mapped_blocks(prefix) == 0
+    # A block dropped while unused is closed at once; close() closes the rest.
+    second = att.view(blocks.encode((np.ones(100_000),), key=1), key=1)
+    del second
+    blocks.release(1)
+    att.drop(blocks.take_dropped())
+    assert len(att) == 0
+    third = att.view(blocks.encode((np.ones(100_000),), key=2), key=2)
+    att.close()
+    assert len(att) == 1 and third[0].sum() == 100_000
+    del third  # the last view closes the handle; on_release is not called after close()
+    assert len(att) == 0 and released == [0, 1]
+    blocks.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        att.view(_shm.BlockPool(prefix).encode((np.ones(100_000),), key=3), key=3)
+
+
+def test_view_of_a_vanished_block_says_so_and_releases_what_it_made(prefix):
+    blocks = _shm.BlockPool(prefix)
+    encoded = blocks.encode((np.ones(100_000), np.ones(100_000)), key=0)
+    SharedMemory(name=encoded[1].name).unlink()
+    released = []
+    att = _shm.Attachments(released.append)
+    with pytest.raises(FileNotFoundError, match="vanished"):
+        att.view(encoded, key=0)
+    assert released == [0]
+    att.close()
+    blocks.close()
+
+
 def test_sweep_finds_only_its_prefix(prefix):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("this OS cannot list shared memory")
@@ -145,6 +226,40 @@ def test_pool_round_trip(method):
         for i, batch in enumerate(pool.imap(range(len(ds)))):
             assert_batches_equal(batch, sample_batch(i))
             assert shm_entries() == [] or pool.decision.uses_processes
+    assert shm_entries() == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_held_batches_keep_their_values_and_outlive_the_pool(method):
+    # Zero-copy batches: a block is reused only once the consumer has let go of the arrays.
+    ds = BigArrayDataset(40, (300, 300))
+    held = []
+    with OrderedPool(ds, workers=2, start_method=method, max_queue_size=4) as pool:
+        for i, batch in enumerate(pool.imap(range(len(ds)))):
+            if i % 10 == 0:
+                held.append((i, batch))
+            assert batch[0, 0] == i and batch[-1, -1] == i
+    for i, batch in held:  # later batches did not overwrite them, and close() did not unmap
+        assert np.all(batch == i), i
+    del held, batch
+    assert shm_entries() == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_blocks_are_reused_when_the_consumer_drops_batches(method):
+    ds = BigArrayDataset(60, (300, 300))
+    seen: set[str] = set()
+    with OrderedPool(ds, workers=2, start_method=method, max_queue_size=4) as pool:
+        for i, batch in enumerate(pool.imap(range(len(ds)))):
+            assert batch[0, 0] == i
+            seen.update(shm_entries())
+        del batch
+        # Bounded by what can be in flight (4 queued + the one held) plus the free lists,
+        # not by the 60 batches.
+        assert len(seen) <= 4 + 1 + 2 * _shm.MAX_FREE_BLOCKS
+        assert len(pool._core.attachments) <= len(seen)
     assert shm_entries() == []
 
 
