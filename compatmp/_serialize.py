@@ -35,6 +35,7 @@ from typing import Any
 import cloudpickle
 
 from ._exceptions import SerializationError
+from ._standin import PyDatasetStandIn, keras_pydataset
 
 __all__ = [
     "CompatPickler",
@@ -310,7 +311,31 @@ class CompatPickler(cloudpickle.Pickler):
             # This pickler already knows every rule the mixin applies: pickle the object's
             # natural state here, so objects shared inside and outside it keep one identity.
             return _natural_reduce(obj, self.proto)
-        return super().reducer_override(obj)
+        rv = super().reducer_override(obj)
+        if rv is not NotImplemented and isinstance(obj, type):
+            rv = _swap_keras_base(obj, rv)  # NOTE [ PyDataset stand-in ] in _standin
+        return rv
+
+
+def _swap_keras_base(cls: type, rv: Any) -> Any:
+    """In cloudpickle's by-value reduction of ``cls``, replace a ``keras.utils.PyDataset`` base.
+
+    ``rv`` is what ``cloudpickle.Pickler.reducer_override`` returned for a class it sends by
+    value: ``(_make_skeleton_class, (metaclass, name, bases, type_kwargs, tracker_id, None),
+    state, ...)`` in cloudpickle 1.x to 3.x. Anything else is returned unchanged, so a future
+    cloudpickle only loses the optimization, never correctness.
+    """
+    pydataset = keras_pydataset()
+    if pydataset is None or pydataset not in cls.__bases__:
+        return rv
+    try:
+        make, args, *rest = rv
+        if getattr(make, "__name__", "") != "_make_skeleton_class" or pydataset not in args[2]:
+            return rv
+    except (TypeError, ValueError, IndexError):
+        return rv
+    bases = tuple(PyDatasetStandIn if b is pydataset else b for b in args[2])
+    return (make, (*args[:2], bases, *args[3:]), *rest)
 
 
 def dumps(
