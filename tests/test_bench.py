@@ -151,6 +151,7 @@ def test_targets_report_met_and_not_met():
         _row("keras-mp-fork", "keras", 8.0),
         _row("compatmp-auto", "compatmp", 1.5, e1=0.5, e2=1.0, rss=250.0),
     ]
+    big[-1]["peak_own_mb"] = 150.0
     for rows in (gil, big):
         _bench._add_ratios(rows)
     report = {"workloads": {"gil": {"loader": gil}, "bigbatch": {"loader": big}}}
@@ -171,5 +172,7 @@ def test_targets_report_met_and_not_met():
     assert epochs["verdict"] == "NOT MET" and "bigbatch/compatmp-auto" in epochs["detail"]
     rss = verdict("peak RSS per worker")
     assert rss["verdict"] == "NOT MET" and rss["measured"] == 250.0
+    own = verdict("same, without shared-memory")
+    assert own["verdict"] == "MET" and own["measured"] == 150.0
     assert verdict("gil, 2 workers: fit-compatmp-auto vs")["verdict"] == "not measured"
     assert verdict("first batch")["verdict"] == "not measured"
