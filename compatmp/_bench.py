@@ -1211,35 +1211,29 @@ def _evaluate_targets(results: dict[str, Any], workers: int) -> list[dict[str, A
         None if value is None else value <= 0.5,
         "median of fresh processes; plain (non-Keras) dataset class",
     )
-    over, peak = [], None
-    for name in ("gil", "bigbatch"):
-        for r in wl.get(name, {}).get("loader", []):
-            if r["library"] == "compatmp" and r["peak_rss_mb"] is not None:
-                peak = max(peak or 0.0, r["peak_rss_mb"])
-                if r["peak_rss_mb"] > 200:
-                    over.append(f"{name}/{r['config']} ({r['peak_rss_mb']:.0f} MB)")
-    add(
-        "peak RSS per worker, dataset without TensorFlow (gil, bigbatch)",
-        peak,
-        "<= 200 MB",
-        None if peak is None else not over,
-        ("over: " + "; ".join(over) if over else "largest compatmp worker shown")
-        + "; includes batches in shared-memory blocks, also counted in the main process",
-    )
-    over, peak = [], None
-    for name in ("gil", "bigbatch"):
-        for r in wl.get(name, {}).get("loader", []):
-            if r["library"] == "compatmp" and r.get("peak_own_mb") is not None:
-                peak = max(peak or 0.0, r["peak_own_mb"])
-                if r["peak_own_mb"] > 200:
-                    over.append(f"{name}/{r['config']} ({r['peak_own_mb']:.0f} MB)")
-    add(
-        "same, without shared-memory batch blocks (RSS - RssShmem)",
-        peak,
-        "<= 200 MB",
-        None if peak is None else not over,
-        "over: " + "; ".join(over) if over else "largest compatmp worker shown",
-    )
+    for key, title, note in (
+        (
+            "peak_rss_mb",
+            "peak RSS per worker, dataset without TensorFlow (gil, bigbatch)",
+            "; includes batches in shared-memory blocks, also counted in the main process",
+        ),
+        ("peak_own_mb", "same, without shared-memory batch blocks (RSS - RssShmem)", ""),
+    ):
+        over, peak = [], None
+        for name in ("gil", "bigbatch"):
+            for r in wl.get(name, {}).get("loader", []):
+                mb = r.get(key)
+                if r["library"] == "compatmp" and mb is not None:
+                    peak = max(peak or 0.0, mb)
+                    if mb > 200:
+                        over.append(f"{name}/{r['config']} ({mb:.0f} MB)")
+        add(
+            title,
+            peak,
+            "<= 200 MB",
+            None if peak is None else not over,
+            ("over: " + "; ".join(over) if over else "largest compatmp worker shown") + note,
+        )
     return targets
 
 

@@ -12,6 +12,9 @@ place that decides how such objects travel:
   first time it takes the lock): the holder's thread does not exist over there.
 * Queues keep their items, events keep their set/unset state, semaphores their value,
   barriers their parties; read-only files are reopened at the same path, mode and offset.
+* A ``keras.utils.PyDataset`` subclass sent by value is rebuilt on a Keras-free stand-in base,
+  so a worker does not import TensorFlow just for the base class (NOTE [ PyDataset stand-in ]
+  in :mod:`compatmp._standin`).
 * Anything still unpicklable is named by attribute path (:func:`find_unpicklable`), so the
   error says ``dataset.cache._conn: sqlite3.Connection`` rather than just a type.
 
@@ -296,6 +299,9 @@ class CompatPickler(cloudpickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         """Reduce locks, queues, files and PickleSafeMixin objects; defer the rest to cloudpickle.
+
+        Classes cloudpickle sends by value lose a direct ``keras.utils.PyDataset`` base to
+        :class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]).
 
         Raises:
             pickle.PicklingError: for files open for writing or without a path.

@@ -374,7 +374,9 @@ class Attachments:
 
     def __init__(self, on_release: Callable[[Any], None]) -> None:
         self._on_release = on_release
-        self._lock = threading.Lock()  # finalizers run in any thread
+        # Finalizers run in any thread, and in this one too when a garbage collection runs
+        # while it holds the lock (an allocation inside view()): hence re-entrant.
+        self._lock = threading.RLock()
         self._handles: dict[str, SharedMemory] = {}
         self._views: collections.Counter[str] = collections.Counter()  # name -> live views
         self._pending: dict[Any, int] = {}  # key -> live views of that batch
