@@ -91,7 +91,6 @@ __all__ = [
     "BlockPool",
     "ShmArray",
     "block_prefix",
-    "decode",
     "ensure_tracker",
     "names",
     "sweep",
@@ -128,7 +127,8 @@ _BLOCK_TOKEN_BYTES = 4
 class ShmArray:
     """Descriptor of one array that travels in a shared-memory block.
 
-    Only this small object is pickled; :func:`decode` rebuilds the array from the block.
+    Only this small object is pickled; :meth:`Attachments.view` rebuilds the array from the
+    block.
 
     Attributes:
         name (str): the block name, without the leading ``/``.
@@ -346,17 +346,6 @@ def _unlink(shm: SharedMemory) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _from_block(desc: ShmArray) -> np.ndarray:
-    shm = _attach(desc)
-    try:
-        view = np.ndarray(desc.shape, dtype=desc.dtype, buffer=shm.buf, order=desc.order)
-        out = view.copy(order="K")
-        del view
-    finally:
-        shm.close()
-    return out
-
-
 class Attachments:
     """Main side: one cached handle per worker block, and zero-copy views with leases.
 
@@ -496,31 +485,6 @@ def _attach(desc: ShmArray) -> SharedMemory:
             f"dtype {desc.dtype}) vanished before the main process could read it; was it "
             "unlinked by someone else (e.g. a cleanup of /dev/shm)?"
         ) from exc
-
-
-def decode(encoded: Any) -> Any:
-    """Rebuild a batch made by :meth:`BlockPool.encode` (main side): copy each array out.
-
-    The copying counterpart of :meth:`Attachments.view` (which the pool uses), for callers
-    that hold no :class:`Attachments`.
-
-    The blocks are attached, copied and closed, never unlinked: they still belong to the
-    worker, which reuses them once released (NOTE [ Shared-memory ownership ]).
-
-    Args:
-        encoded (object): the batch as received from a worker.
-
-    Returns:
-        object: the batch with each :class:`ShmArray` replaced by a regular ``numpy.ndarray``
-        equal to the original (dtype, shape, values; memory order C, or F when the original
-        was Fortran-ordered). ``encoded`` itself when it holds no descriptor.
-
-    Raises:
-        FileNotFoundError: a block named in ``encoded`` no longer exists.
-    """
-    if not names(encoded):
-        return encoded
-    return _walk(encoded, lambda x: _from_block(x) if type(x) is ShmArray else x)
 
 
 def names(encoded: Any) -> list[str]:

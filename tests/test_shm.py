@@ -1,4 +1,4 @@
-"""Shared-memory batches: encode/decode round trips, ownership, and no leaks at exit."""
+"""Shared-memory batches: encode/view round trips, ownership, and no leaks at exit."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 
 
+def _view(encoded):
+    """The batch as the main process gets it (zero-copy views; nobody waits for releases)."""
+    return _shm.Attachments(lambda key: None).view(encoded, key=0)
+
+
 @pytest.fixture
 def prefix():
     p = _shm.block_prefix(os.getpid(), "t001")
@@ -46,8 +51,8 @@ def test_round_trip_keeps_dtype_shape_values_and_structure(prefix):
     moved = _shm.names(encoded)
     assert len(moved) == 6
     assert sorted(moved) == shm_entries()
-    assert_batches_equal(_shm.decode(encoded), batch)
-    assert sorted(moved) == shm_entries()  # decode never unlinks: the worker owns them
+    assert_batches_equal(_view(encoded), batch)
+    assert sorted(moved) == shm_entries()  # viewing never unlinks: the worker owns them
     blocks.close()
     assert shm_entries() == []
 
@@ -61,7 +66,7 @@ def test_small_object_and_empty_arrays_stay_in_the_batch(prefix):
     encoded = blocks.encode(batch, key=0)
     assert len(_shm.names(encoded)) == 1  # only `small` moved
     assert encoded[1] is obj and encoded[2] is empty
-    assert_batches_equal(_shm.decode(encoded), batch)
+    assert_batches_equal(_view(encoded), batch)
     assert _shm.BlockPool(prefix).encode(batch, key=0) is batch  # nothing >= 256 KiB
     blocks.close()
 
@@ -77,7 +82,7 @@ def test_zero_d_non_contiguous_and_fortran_arrays(prefix):
     blocks = _shm.BlockPool(prefix, threshold=0)
     encoded = blocks.encode(batch, key=0)
     assert len(_shm.names(encoded)) == 4
-    decoded = _shm.decode(encoded)
+    decoded = _view(encoded)
     assert_batches_equal(decoded, batch)
     assert decoded["scalar"].shape == ()
     assert decoded["fortran"].flags.f_contiguous
@@ -92,7 +97,7 @@ def test_released_blocks_are_reused_and_bounded(prefix):
     blocks.release(0)
     second = _shm.names(blocks.encode((a * 2, a * 3), key=1))
     assert sorted(second) == sorted(first)  # same blocks, new content
-    assert_batches_equal(_shm.decode(blocks.encode((a * 2,), key=9)), (a * 2,))
+    assert_batches_equal(_view(blocks.encode((a * 2,), key=9)), (a * 2,))
     # Keys 1 and 9 hold three blocks; releasing all keeps only max_free=2 of them.
     blocks.release(1)
     blocks.release(9)
@@ -107,15 +112,6 @@ def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch
     batch = (np.ones(1_000_000),)
     assert _shm.BlockPool(prefix).encode(batch, key=0) is batch
     assert shm_entries() == []
-
-
-def test_decode_of_a_vanished_block_says_so(prefix):
-    blocks = _shm.BlockPool(prefix)
-    encoded = blocks.encode((np.ones((300, 300)),), key=0)
-    SharedMemory(name=encoded[0].name).unlink()  # someone else removed it
-    with pytest.raises(FileNotFoundError, match="vanished"):
-        _shm.decode(encoded)
-    blocks.close()
 
 
 def _mapped_blocks(prefix: str) -> int:
