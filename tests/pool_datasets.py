@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from compatmp._bench import _is_helper
 from compatmp._platform import available_methods
 from compatmp._worker import get_worker_info
 
@@ -39,33 +40,12 @@ def shm_entries(pid: int | None = None) -> list[str]:
         return []
 
 
-def _cmdline(proc: psutil.Process | None) -> str:
-    try:
-        return " ".join(proc.cmdline()) if proc is not None else ""
-    except psutil.Error:
-        return ""
-
-
-def _is_helper_process(proc: psutil.Process) -> bool:
-    """multiprocessing's long-lived helpers: the forkserver and the resource tracker.
-
-    Workers forked by the forkserver share its command line; they are told apart by their
-    parent, which is the forkserver itself.
-    """
-    cmd = _cmdline(proc)
-    if "multiprocessing.resource_tracker" in cmd:
-        return True
-    if "multiprocessing.forkserver" in cmd:
-        return "multiprocessing.forkserver" not in _cmdline(proc.parent())
-    return False
-
-
 def worker_processes(root: int | None = None) -> set[tuple[int, float]]:
     """(pid, create_time) of live descendants of ``root`` (default: us), helpers excluded."""
     out = set()
     for p in psutil.Process(root).children(recursive=True):
         try:
-            if p.status() == psutil.STATUS_ZOMBIE or _is_helper_process(p):
+            if p.status() == psutil.STATUS_ZOMBIE or _is_helper(p):
                 continue
             out.add((p.pid, p.create_time()))
         except psutil.Error:

@@ -227,15 +227,7 @@ def test_fresh_process_with_numpy_decides_fork():
         "import numpy, compatmp, os; f = compatmp.PlatformFacts.current(); "
         "print(f.thread_count, f.blas_threads, compatmp.decide_start_method().method)"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != ENV_VAR}
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=True,
-    ).stdout.split()
+    out = _run_fresh(code)
     threads, blas, method = int(out[0]), int(out[1]), out[2]
     assert threads - 1 - blas == 0
     assert method == "fork"
