@@ -158,9 +158,6 @@ class PlatformFacts:
         torch_cuda_initialized (bool): ``torch.cuda.is_initialized()`` (default: False).
         frozen (bool): running as a frozen executable, ``sys.frozen`` (default: False).
         gil_disabled (bool): free-threaded build with the GIL off (default: False).
-        main_has_file (bool): ``__main__`` has a ``__file__`` (False in notebooks and
-            ``python -c``; harmless, cloudpickle sends ``__main__`` code by value)
-            (default: True).
     """
 
     os: str
@@ -174,7 +171,6 @@ class PlatformFacts:
     torch_cuda_initialized: bool = False
     frozen: bool = False
     gil_disabled: bool = False
-    main_has_file: bool = True
 
     @property
     def other_threads(self) -> int:
@@ -197,7 +193,6 @@ class PlatformFacts:
             PlatformFacts: the facts of the calling process.
         """
         is_gil_enabled = getattr(sys, "_is_gil_enabled", None)
-        main = sys.modules.get("__main__")
         return cls(
             os=_os_name(sys.platform),
             python_version=tuple(sys.version_info[:3]),
@@ -210,7 +205,6 @@ class PlatformFacts:
             torch_cuda_initialized=_torch_cuda_initialized(),
             frozen=bool(getattr(sys, "frozen", False)),
             gil_disabled=is_gil_enabled is not None and not is_gil_enabled(),
-            main_has_file=getattr(main, "__file__", None) is not None,
         )
 
     def with_(self, **changes: Any) -> PlatformFacts:
@@ -415,7 +409,6 @@ def diagnose(facts: PlatformFacts | None = None) -> str:
         ("torch CUDA initialized", facts.torch_cuda_initialized),
         ("frozen executable", facts.frozen),
         ("GIL disabled", facts.gil_disabled),
-        ("__main__ has a file", facts.main_has_file),
         (f"{ENV_VAR}", os.environ.get(ENV_VAR, "(not set)")),
     ]
     width = max(len(k) for k, _ in rows)

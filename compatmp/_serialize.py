@@ -427,7 +427,7 @@ class Unpicklable:
     error: str
 
 
-# Limits of the walk: datasets can be large graphs; we only descend into parts that fail,
+# Limits of the search: datasets can be large graphs; we only descend into parts that fail,
 # but bound the cost anyway so an error message never takes longer than the failure.
 _MAX_DEPTH = 50
 _MAX_CHILDREN = 10_000
@@ -438,7 +438,7 @@ def find_unpicklable(
 ) -> list[Unpicklable]:
     """List every part of ``obj`` that cannot be pickled, even after compatmp's rules.
 
-    The walk pickles ``obj``; on failure it descends into the attributes (as given by the
+    The search pickles ``obj``; on failure it descends into the attributes (as given by the
     object's ``__reduce_ex__``/``__getstate__``, so custom state is respected), dict entries,
     sequence items and function closures that fail too, and reports the deepest failing
     objects. Locks, queues, events and read-only files are *not* reported: :func:`dumps`
@@ -455,7 +455,7 @@ def find_unpicklable(
         attribute order.
     """
     found: list[Unpicklable] = []
-    _walk(obj, root, found, set(), 0, local_mp_locks)
+    _search(obj, root, found, set(), 0, local_mp_locks)
     return found
 
 
@@ -467,7 +467,7 @@ def _pickle_error(obj: Any, local_mp_locks: bool) -> BaseException | None:
     return None
 
 
-def _walk(
+def _search(
     obj: Any, path: str, found: list[Unpicklable], seen: set[int], depth: int, local_mp_locks: bool
 ) -> bool:
     """Record the failing leaves under ``obj``; return True if ``obj`` fails to pickle."""
@@ -480,7 +480,7 @@ def _walk(
     failing_child = False
     if depth < _MAX_DEPTH:
         for child_path, child in _children(obj, path):
-            if _walk(child, child_path, found, seen, depth + 1, local_mp_locks):
+            if _search(child, child_path, found, seen, depth + 1, local_mp_locks):
                 failing_child = True
     if not failing_child:
         t = type(obj)

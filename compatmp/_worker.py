@@ -2,7 +2,7 @@
 
 The loop only does what it is told (torch's ``_utils/worker.py`` is the model): receive a
 message, compute ``dataset[index]``, send the batch or a wrapped exception back. Ordering,
-prefetch, failure detection and shutdown belong to the main side (:mod:`compatmp._pool`).
+prefetch, failure detection and shutdown belong to the main side (:mod:`compatmp._core`).
 
 NOTE [ Worker protocol ]
 Messages are plain tuples whose first item names the kind. Nothing in them is specific to
@@ -234,10 +234,6 @@ class ConnectionChannel:
         if ready:
             raise EOFError("the main process is gone (parent sentinel fired)")
         return False
-
-    def fileno(self) -> int:
-        """The pipe's file descriptor (for ``multiprocessing.connection.wait``)."""
-        return self.conn.fileno()
 
     def close(self) -> None:
         """Close this end of the pipe (idempotent)."""
@@ -480,7 +476,7 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
     if config.in_process:
         # NOTE [ Workers never hang ]: Ctrl-C is for the main process; SIGTERM unwinds.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if hasattr(signal, "pthread_sigmask"):  # born blocked (_pool._sigint_blocked)
+        if hasattr(signal, "pthread_sigmask"):  # born blocked (_launch._sigint_blocked)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, _on_sigterm)
     seed64, words = derive_seed(config.base_seed, config.worker_id)

@@ -34,7 +34,7 @@ def test_linux_single_thread_forks():
 
 
 def test_linux_numpy_blas_threads_do_not_prevent_fork():
-    # import numpy: 2 OS threads, one of them OpenBLAS's worker (DESIGN.md).
+    # import numpy: 2 OS threads, one of them OpenBLAS's worker (NOTE [ Start-method decision ]).
     facts = LINUX_312.with_(thread_count=2, blas_threads=1)
     assert facts.other_threads == 0
     assert decide_start_method(facts=facts).method == "fork"

@@ -44,10 +44,11 @@ from compatmp import (
     ThreadFallbackWarning,
     WorkerCrashedError,
     WorkerTimeoutError,
-    _pool,
+    _launch,
     dumps,
 )
-from compatmp._pool import SHUTDOWN_TIMEOUT, OrderedPool
+from compatmp._core import SHUTDOWN_TIMEOUT
+from compatmp._pool import OrderedPool
 from compatmp._shm import MAX_FREE_BLOCKS
 from compatmp._worker import RemoteTraceback, get_worker_info
 
@@ -68,14 +69,17 @@ CRASH_DEADLINE = 5.0
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"workers": 0}, ValueError, "workers must be an integer >= 1, got 0"),
-        ({"workers": "2"}, ValueError, "workers must be an integer"),
-        ({"workers": True}, ValueError, "workers must be an integer"),
-        ({"workers": 1, "max_queue_size": 0}, ValueError, "max_queue_size must be"),
+        ({"workers": 0}, ValueError, "workers must be >= 1; received 0"),
+        ({"workers": "2"}, TypeError, "workers must be an int >= 1; received '2' of type str"),
+        ({"workers": True}, TypeError, "workers must be an int"),
+        ({"workers": 1, "max_queue_size": 0}, ValueError, "max_queue_size must be >= 1"),
+        ({"workers": 1, "max_queue_size": 2.0}, TypeError, "max_queue_size must be an int"),
         ({"workers": 1, "timeout": 0}, ValueError, "timeout must be None"),
         ({"workers": 1, "timeout": -1.5}, ValueError, "timeout must be None"),
-        ({"workers": 1, "timeout": "5"}, ValueError, "timeout must be None"),
-        ({"workers": 1, "seed": -1}, ValueError, "seed must be"),
+        ({"workers": 1, "timeout": float("nan")}, ValueError, "timeout must be None"),
+        ({"workers": 1, "timeout": "5"}, TypeError, "timeout must be None or a number"),
+        ({"workers": 1, "seed": -1}, ValueError, "seed must be >= 0"),
+        ({"workers": 1, "seed": "1"}, TypeError, "seed must be an int"),
         ({"workers": 1, "worker_init_fn": 3}, TypeError, "worker_init_fn must be a callable"),
         ({"workers": 1, "start_method": "fork-please"}, StartMethodError, "must be one of"),
     ],
@@ -85,6 +89,14 @@ def test_bad_arguments_are_rejected_before_any_worker_starts(kwargs, error, matc
     with pytest.raises(error, match=match):
         OrderedPool(RangeDataset(3), **kwargs)
     assert worker_processes() == before
+
+
+def test_workers_of_the_wrong_type_is_a_type_error_and_out_of_range_a_value_error():
+    # The same checks (compatmp._args) as compatmp.fit(workers=...).
+    with pytest.raises(TypeError, match="workers must be an int"):
+        OrderedPool(RangeDataset(3), workers="2")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        OrderedPool(RangeDataset(3), workers=0)
 
 
 def test_dataset_without_len_or_getitem_is_rejected():
@@ -573,7 +585,7 @@ def test_workers_ignore_sigint(method):
 def test_workers_still_starting_survive_sigint(method):
     # Spawn workers import NumPy and compatmp for ~0.3 s before they can ignore SIGINT; they
     # are born with SIGINT blocked, so a Ctrl-C then does not kill them. (Forkserver children
-    # inherit the server's mask; their window of a few ms is left open: _pool._sigint_blocked.)
+    # inherit the server's mask; their window of a few ms is left open: _launch._sigint_blocked.)
     before = worker_processes()
     with OrderedPool(RangeDataset(6), workers=2, start_method=method) as pool:
         workers = [pid for pid, _ in worker_processes() - before]
@@ -596,10 +608,10 @@ def test_forkserver_preload_includes_packages_of_base_classes():
     # The pickle names only "pool_datasets"; unpickling also imports argparse, the base's
     # package (for a PyDataset subclass: keras, i.e. TensorFlow, ~3 s per worker).
     payload = dumps(NamespaceDataset())
-    modules = _pool._pickled_modules(payload)
+    modules = _launch._pickled_modules(payload)
     assert {"pool_datasets", "argparse"} <= modules
     # Protocol 0 pickles use GLOBAL "module qualname" instead of STACK_GLOBAL.
-    assert "argparse" in _pool._pickled_modules(pickle.dumps(NamespaceDataset(), protocol=0))
+    assert "argparse" in _launch._pickled_modules(pickle.dumps(NamespaceDataset(), protocol=0))
     # Names are looked up, never imported or resolved through a module __getattr__.
-    assert _pool._global_bases("no_such_module_xyz", "Thing") == set()
-    assert _pool._global_bases("argparse", "no_such_name") == set()
+    assert _launch._global_bases("no_such_module_xyz", "Thing") == set()
+    assert _launch._global_bases("argparse", "no_such_name") == set()

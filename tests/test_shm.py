@@ -23,7 +23,8 @@ from pool_datasets import (
 )
 
 from compatmp import _shm
-from compatmp._pool import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT, OrderedPool
+from compatmp._core import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT
+from compatmp._pool import OrderedPool
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 
@@ -279,7 +280,8 @@ _EXIT_SCRIPT = """
 import os, sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from pool_datasets import BigArrayDataset, DiesAfterBlocksDataset
-from compatmp._pool import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT, OrderedPool
+from compatmp._core import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT
+from compatmp._pool import OrderedPool
 from compatmp import WorkerCrashedError
 
 # 1. closed with big batches in flight
