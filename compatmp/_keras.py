@@ -1,78 +1,43 @@
 """``compatmp.fit`` / ``evaluate`` / ``predict``: Keras training with compatmp workers.
 
-One :class:`~compatmp._pool.OrderedPool` serves the whole call; Keras only ever sees a thin
-``keras.utils.PyDataset`` proxy with ``workers=1`` and ``use_multiprocessing=False``, so
-Keras' own enqueuer (``py_dataset_adapter.OrderedEnqueuer``, which pickles the dataset with
-plain ``pickle`` and restarts its ``multiprocessing.Pool`` every epoch) never runs::
+The public wrappers: they check and classify the inputs (all before any worker starts), start
+one :class:`~compatmp._pool.OrderedPool` for the whole call (training and validation share it),
+hand Keras the proxies from :mod:`compatmp._feeder`, and stop every worker when the call ends,
+however it ends. How Keras asks for batches, and how the feeder answers, is described in
+:mod:`compatmp._feeder`: NOTE [ How Keras 3 drives a PyDataset ] and
+NOTE [ One pool for training and validation ].
 
-    model.fit(proxy)                           main process
-      |  Keras asks proxy[p] for p = 0, 1, 2 ...  (shuffle=False: we shuffle ourselves)
-      v
-    _Feeder.get(p) --> index = order[p] --> next(pool.imap(order[p:]))   one stream per pass
-      ^                                             |
-      |   on_epoch_begin / on_epoch_end             v
-      +-- forwarded to the user's dataset;   workers: dataset[index] (processes or threads)
-          its new state is re-sent (pool.update_dataset) before the next batch is fetched
-
-NOTE [ How Keras 3 drives a PyDataset ]
-Read from ``keras/src/trainers/data_adapters/py_dataset_adapter.py`` and
-``keras/src/trainers/epoch_iterator.py`` (Keras 3.15) and confirmed by logging the calls:
-
-* ``PyDatasetAdapter.__init__`` reads ``workers``, ``use_multiprocessing`` and
-  ``max_queue_size`` from the dataset (constructor arguments of ``PyDataset``; ``fit`` has no
-  such arguments in Keras 3). ``workers > 1 or (workers > 0 and use_multiprocessing)``
-  starts an ``OrderedEnqueuer``; the proxy's ``workers=1``, ``use_multiprocessing=False``
-  keeps it off.
-* ``_finite_generator`` asks ``dataset[i]`` for ``i in range(num_batches)``, **shuffled with
-  ``random.shuffle`` when ``fit(shuffle=True)``** - Keras' default. So Keras 3 does *not* ask
-  in order during ``fit``. compatmp passes ``shuffle=False`` to Keras and applies the same
-  ``random.shuffle`` itself at the start of each pass, so batches still come in a random
-  order, each index exactly once per pass, and the pool knows the order in advance and can
-  prefetch it. ``evaluate`` and ``predict`` never shuffle.
-* With the TensorFlow backend, ``get_tf_dataset`` first fetches ``dataset[0]`` and
-  ``dataset[1]`` in the main thread to infer the output signature
-  (``NUM_BATCHES_FOR_TENSOR_SPEC = 2``), outside any epoch; the epoch's batches are then
-  pulled by ``tf.data.Dataset.from_generator`` in a TensorFlow thread, with
-  ``prefetch(AUTOTUNE)`` on top. Exceptions raised there reach the caller wrapped in a
-  ``tf.errors`` type; :func:`_call_keras` re-raises compatmp's original exception instead.
-* ``EpochIterator.reset()`` (called by ``fit``/``evaluate`` before the first epoch) calls
-  ``on_epoch_end``; ``_enumerate_iterator`` calls ``on_epoch_begin`` before an epoch's first
-  batch and ``on_epoch_end`` after its last. The torch backend's ``_symbolic_build`` also
-  takes one batch inside a begin/end pair before training starts.
-* With ``steps_per_epoch`` below ``len(dataset)`` the same pass continues across epochs
-  (``_current_iterator`` is kept until ``num_batches`` were seen). compatmp drops the
-  prefetched rest of a pass at ``on_epoch_end`` and resumes it at the same position with the
-  dataset's new state.
-
-NOTE [ One pool for training and validation ]
-``validation_data`` given as a dataset shares the training pool: the pool holds a
-:class:`_TrainAndValidation` pair and tasks are ``(part, index)``. Training and validation
-never load at the same time (the training pass ends before Keras validates), so a second pool
-would only double the start-up cost - importing Keras/TensorFlow in each spawned worker takes
-~4-6 s and ~500 MB here - for workers that sit idle most of the time.
-
-Nothing here runs at ``import compatmp``: Keras is imported inside functions and the proxy
-class is built on first use (:func:`_proxy_class`).
+Nothing here runs at ``import compatmp``: Keras is imported inside functions.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import functools
 import gc
-import itertools
 import logging
 import os
-import random
 import sys
-import threading
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
+from ._args import DEFAULT_MAX_QUEUE_SIZE, check_max_queue_size, check_workers, describe
 from ._exceptions import ThreadFallbackWarning
+from ._feeder import (
+    _TRAIN,
+    _VALIDATION,
+    _checked_generator,
+    _Feeder,
+    _generator_feed,
+    _GeneratorSource,
+    _PoolState,
+    _proxy_class,
+    _Source,
+    _StructureCheck,
+    _TrainAndValidation,
+)
 
 __all__ = ["evaluate", "fit", "predict"]
 
@@ -86,18 +51,9 @@ _log = logging.getLogger("compatmp")
 #: dataset's class needs it).
 DEFAULT_MAX_WORKERS = 4
 
-_TRAIN, _VALIDATION = 0, 1
-
 
 # --------------------------------------------------------------------------------------------
 # Input checks (all of them run before any worker starts)
-
-
-def _describe(obj: object) -> str:
-    text = repr(obj)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(obj).__module__}.{type(obj).__qualname__} {text}"
 
 
 def _is_array_like(obj: object) -> bool:
@@ -122,14 +78,14 @@ def _classify(x: object, arg: str = "x") -> str:
         raise TypeError(
             f"{arg} must be a keras.utils.PyDataset (or keras.utils.Sequence), an object with "
             f"__len__ and __getitem__ returning batches, or a generator; received "
-            f"{_describe(x)}. Arrays, tensors, dicts, lists and tf.data datasets need no "
+            f"{describe(x)}. Arrays, tensors, dicts, lists and tf.data datasets need no "
             f"Python workers: pass them to model.fit/evaluate/predict directly."
         )
     if hasattr(type(x), "__getitem__") and hasattr(type(x), "__len__"):
         return "dataset"
     if _is_pydataset(x):
         raise TypeError(
-            f"{arg} is a keras.utils.PyDataset without __len__ ({_describe(x)}); compatmp "
+            f"{arg} is a keras.utils.PyDataset without __len__ ({describe(x)}); compatmp "
             f"needs the number of batches. Define __len__ (infinite datasets are not supported)."
         )
     if isinstance(x, collections.abc.Iterator):
@@ -139,37 +95,8 @@ def _classify(x: object, arg: str = "x") -> str:
         hint = " It is callable: if it is a generator function, pass its result, f(), instead."
     raise TypeError(
         f"{arg} must be a keras.utils.PyDataset (or keras.utils.Sequence), an object with "
-        f"__len__ and __getitem__ returning batches, or a generator; received {_describe(x)}."
-        + hint
+        f"__len__ and __getitem__ returning batches, or a generator; received {describe(x)}." + hint
     )
-
-
-def _check_workers(workers: object) -> None:
-    if workers is None:
-        return
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise TypeError(
-            f"workers must be an int >= 0 or None; received {workers!r} of type "
-            f"{type(workers).__name__}. Use workers=0 to load batches in the main process, "
-            f"None for the dataset's own setting or min({DEFAULT_MAX_WORKERS}, CPU count)."
-        )
-    if workers < 0:
-        raise ValueError(
-            f"workers must be >= 0; received {workers}. Use workers=0 to load batches in the "
-            "main process without workers."
-        )
-
-
-def _check_queue_size(max_queue_size: object) -> None:
-    if isinstance(max_queue_size, bool) or not isinstance(max_queue_size, int):
-        raise TypeError(
-            f"max_queue_size must be an int >= 1 (batches prefetched); received "
-            f"{max_queue_size!r} of type {type(max_queue_size).__name__}"
-        )
-    if max_queue_size < 1:
-        raise ValueError(
-            f"max_queue_size must be >= 1 (batches prefetched); received {max_queue_size}"
-        )
 
 
 def _resolve_workers(x: object, workers: int | None) -> int:
@@ -189,10 +116,10 @@ def _dataset_length(x: object, arg: str = "x") -> int:
     try:
         n = len(x)  # type: ignore[arg-type]
     except TypeError as exc:
-        raise TypeError(f"len({arg}) failed for {_describe(x)}: {exc}") from exc
+        raise TypeError(f"len({arg}) failed for {describe(x)}: {exc}") from exc
     if n == 0:
         raise ValueError(
-            f"{arg} is empty: len({arg}) == 0 batches ({_describe(x)}). A dataset's __len__ "
+            f"{arg} is empty: len({arg}) == 0 batches ({describe(x)}). A dataset's __len__ "
             "must return the number of batches, at least 1."
         )
     return n
@@ -211,326 +138,6 @@ def _check_no_targets(kwargs: dict[str, Any], fn: str) -> None:
             "compatmp.fit: validation_split only works with arrays (Keras slices them); pass "
             "validation_data=<another dataset> instead."
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Batch structure
-
-
-def _structure(obj: object) -> str:
-    """Describe a batch's nesting and array ranks, ignoring sizes and dtypes."""
-    if isinstance(obj, collections.abc.Mapping):
-        items = ", ".join(f"{k!r}: {_structure(obj[k])}" for k in sorted(obj, key=repr))
-        return "{" + items + "}"
-    if isinstance(obj, tuple):
-        inner = ", ".join(_structure(v) for v in obj)
-        return f"({inner},)" if len(obj) == 1 else f"({inner})"
-    if isinstance(obj, list):
-        return "[" + ", ".join(_structure(v) for v in obj) + "]"
-    if obj is None:
-        return "None"
-    shape = getattr(obj, "shape", None)
-    if shape is not None:
-        try:
-            return f"array(rank {len(shape)})"
-        except TypeError:  # shape of unknown rank (symbolic tensors)
-            pass
-    return type(obj).__name__
-
-
-class _StructureCheck:
-    """Remember the first batch's structure; raise ValueError when a later batch differs."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.first: tuple[object, str] | None = None
-
-    def __call__(self, batch: object, index: object) -> None:
-        found = _structure(batch)
-        if self.first is None:
-            self.first = (index, found)
-            return
-        first_index, expected = self.first
-        if found != expected:
-            raise ValueError(
-                f"the batch structure changed: {self.what}[{index!r}] returned {found}, but "
-                f"{self.what}[{first_index!r}] returned {expected}. Every batch must have the "
-                "same structure - (x,), (x, y) or (x, y, sample_weight) with the same nesting "
-                "and array ranks; only the batch size may differ (e.g. a smaller last batch)."
-            )
-
-
-# --------------------------------------------------------------------------------------------
-# Where batches come from
-
-
-class _TrainAndValidation:
-    """The training and validation datasets in one object, so one pool serves both.
-
-    See NOTE [ One pool for training and validation ]. Module level: it crosses the process
-    boundary.
-
-    Args:
-        train (object): the training dataset.
-        validation (object): the validation dataset.
-    """
-
-    def __init__(self, train: object, validation: object) -> None:
-        self.train = train
-        self.validation = validation
-
-    def __len__(self) -> int:
-        return len(self.train)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> object:
-        part, index = key
-        return (self.train if part == _TRAIN else self.validation)[index]  # type: ignore[index]
-
-
-class _Source:
-    """Fetches batches for one dataset: through a (shared) pool, or in the caller's thread.
-
-    Args:
-        dataset (object): the dataset.
-        state (_PoolState | None): the pool and what it holds; None loads in the caller.
-        part (int | None): None when the pool holds ``dataset`` itself, else its part of the
-            :class:`_TrainAndValidation` the pool holds.
-    """
-
-    def __init__(
-        self, dataset: object, state: _PoolState | None = None, part: int | None = None
-    ) -> None:
-        self.dataset = dataset
-        self.state = state
-        self.pool = state.pool if state is not None else None
-        self.part = part
-        # One lock per pool: its imap and update_dataset are not thread-safe, and a TensorFlow
-        # thread prefetching training batches may overlap a validation fetch in the main thread.
-        self.lock = state.lock if state is not None else threading.RLock()
-
-    def fetch(self, indices: list[int]) -> Iterator[object]:
-        """Return an iterator over ``dataset[i] for i in indices``, in that order."""
-        if self.pool is None:
-            return (self.dataset[i] for i in indices)  # type: ignore[index]
-        assert self.state is not None
-        self.state.sync()
-        keys: list[Any] = indices if self.part is None else [(self.part, i) for i in indices]
-        return self.pool.imap(keys)
-
-    def mark_dirty(self) -> None:
-        """The dataset may have changed: re-send it before the next fetch."""
-        if self.state is not None:
-            self.state.dirty = True
-
-
-class _PoolState:
-    """Per-pool: the object the workers hold, and whether it must be re-sent."""
-
-    def __init__(self, pool: Any, root: object) -> None:
-        self.pool = pool
-        self.root = root
-        self.dirty = False
-        self.lock = threading.RLock()
-
-    def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
-            # The pool pickles ``root`` and skips the send when the bytes did not change.
-            self.pool.update_dataset(self.root)
-
-
-class _Feeder:
-    """Serve ``proxy[p]`` to Keras from a stream over the pass's index order.
-
-    Keras asks positions ``p = 0, 1, ...`` (it gets ``shuffle=False``); ``order[p]`` is the
-    dataset index, shuffled per pass when ``shuffle`` is true. Inside an epoch the feeder keeps
-    one stream (``source.fetch(order[p:])``) and takes the next batch from it while Keras asks
-    for the expected position; any other position (TensorFlow's signature probe outside an
-    epoch, a restarted pass, a pass resumed after ``on_epoch_end``) drops the stream and starts
-    again at the asked position. See NOTE [ How Keras 3 drives a PyDataset ].
-
-    ``get`` runs in a TensorFlow thread with the TF backend while ``epoch_begin``/``epoch_end``
-    run in the main thread, so all state is guarded by one lock.
-
-    Args:
-        dataset (object): the user's dataset (hooks are forwarded to it).
-        source (_Source): where batches come from.
-        length (int): ``len(dataset)``.
-        shuffle (bool): shuffle the batch order per pass like Keras' ``fit(shuffle=True)``.
-        what (str): name used in error messages ("x", "validation_data").
-    """
-
-    def __init__(
-        self, dataset: object, source: _Source, length: int, *, shuffle: bool, what: str
-    ) -> None:
-        self.dataset = dataset
-        self.source = source
-        self.length = length
-        self.shuffle = shuffle
-        self.check = _StructureCheck(what)
-        self.error: BaseException | None = None
-        self.restarts = 0  # streams started somewhere other than where the last one stood
-        self._lock = source.lock
-        self._order: list[int] = list(range(length))
-        self._stream: Iterator[object] | None = None
-        self._next = 0  # the position the stream yields next
-        self._in_epoch = False
-
-    def get(self, position: int) -> object:
-        """Return the batch for Keras' position ``position`` (see the class docstring)."""
-        with self._lock:
-            if isinstance(position, bool) or not isinstance(position, int):
-                raise TypeError(f"batch position must be an int; received {position!r}")
-            if not 0 <= position < self.length:
-                raise IndexError(f"batch position {position} out of range [0, {self.length})")
-            try:
-                batch = self._get(position)
-                self.check(batch, self._order[position] if self._in_epoch else position)
-            except BaseException as exc:
-                self._drop_stream()
-                self.error = exc
-                raise
-            return batch
-
-    def _get(self, position: int) -> object:
-        if self._stream is not None and position == self._next:
-            try:
-                batch = next(self._stream)
-            except StopIteration:
-                # Another feeder started an imap on the shared pool, which abandons ours
-                # (OrderedPool.imap); resume below at this position.
-                self._stream = None
-            else:
-                self._next += 1
-                return batch
-        if not self._in_epoch:
-            # Outside an epoch: TensorFlow's signature probe, dataset[0] and dataset[1] in
-            # order (get_tf_dataset). Fetch only what is asked, unshuffled, as Keras does.
-            self._drop_stream()
-            (batch,) = list(self.source.fetch([position]))
-            return batch
-        if self._stream is not None or position != 0:
-            self.restarts += 1
-        self._drop_stream()
-        if position == 0:
-            # A new pass. Shuffle like PyDatasetAdapter._finite_generator: random.shuffle of
-            # range(n), so keras.utils.set_random_seed gives the order plain Keras would use.
-            self._order = list(range(self.length))
-            if self.shuffle:
-                random.shuffle(self._order)
-        self._stream = self.source.fetch(self._order[position:])
-        self._next = position + 1
-        return next(self._stream)
-
-    def _drop_stream(self) -> None:
-        stream, self._stream = self._stream, None
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-    def epoch_begin(self) -> None:
-        """Forward ``on_epoch_begin`` to the dataset; its new state goes out before the next
-        batch."""
-        with self._lock:
-            hook = getattr(self.dataset, "on_epoch_begin", None)
-            if callable(hook):
-                hook()
-            self.source.mark_dirty()
-            self._in_epoch = True
-
-    def epoch_end(self) -> None:
-        """Forward ``on_epoch_end``; drop prefetched batches of the old state."""
-        with self._lock:
-            self._in_epoch = False
-            self._drop_stream()
-            hook = getattr(self.dataset, "on_epoch_end", None)
-            if callable(hook):
-                hook()
-            self.source.mark_dirty()
-
-
-@functools.cache
-def _proxy_class() -> type:
-    """Build the ``keras.utils.PyDataset`` subclass Keras sees (imports Keras once)."""
-    import keras
-
-    class _ProxyDataset(keras.utils.PyDataset):
-        """What Keras iterates: batches from a :class:`_Feeder`, no Keras workers."""
-
-        def __init__(self, feeder: _Feeder) -> None:
-            # workers=1, use_multiprocessing=False: PyDatasetAdapter starts no enqueuer.
-            super().__init__(workers=1, use_multiprocessing=False)
-            self.feeder = feeder
-
-        def __len__(self) -> int:
-            return self.feeder.length
-
-        def __getitem__(self, index: int) -> object:
-            return self.feeder.get(index)
-
-        def on_epoch_begin(self) -> None:
-            self.feeder.epoch_begin()
-
-        def on_epoch_end(self) -> None:
-            self.feeder.epoch_end()
-
-    _ProxyDataset.__qualname__ = "_ProxyDataset"
-    return _ProxyDataset
-
-
-# --------------------------------------------------------------------------------------------
-# Generators (threads only)
-
-
-class _End:
-    """Returned in place of a batch once the generator is exhausted (thread mode: by identity)."""
-
-
-_END = _End()
-
-
-class _GeneratorSource:
-    """Index-addressed view of a thread-safe iterator: ``self[i]`` is simply the next item."""
-
-    def __init__(self, iterator: Iterator[object]) -> None:
-        self.iterator = iterator
-
-    def __len__(self) -> int:
-        return 0  # unknown; OrderedPool only checks that len() exists, imap gets the indices
-
-    def __getitem__(self, index: int) -> object:
-        try:
-            return next(self.iterator)
-        except StopIteration:
-            return _END
-
-
-def _generator_feed(pool: Any, check: _StructureCheck, errors: list[BaseException]) -> Any:
-    """Yield the generator's items, in its order, from the loading thread; then stop."""
-    try:
-        for position, batch in enumerate(pool.imap(itertools.count())):
-            if batch is _END:
-                return
-            check(batch, position)
-            yield batch
-    except GeneratorExit:  # Keras stopped early: not an error
-        raise
-    except BaseException as exc:
-        errors.append(exc)
-        raise
-
-
-def _checked_generator(gen: Iterator[object], check: _StructureCheck, errors: list) -> Any:
-    """workers=0: pass the generator through, checking structure."""
-    try:
-        for position, batch in enumerate(gen):
-            check(batch, position)
-            yield batch
-    except GeneratorExit:
-        raise
-    except BaseException as exc:
-        errors.append(exc)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,8 +203,8 @@ def _prepare(
 ) -> tuple[Any, Any]:
     """Check the inputs, start the pool(s), and return what to pass to Keras as ``x`` and as
     ``validation_data`` (``validation`` unchanged unless it is a dataset)."""
-    _check_workers(workers)
-    _check_queue_size(max_queue_size)
+    check_workers(workers, 0, allow_none=True)  # None: the dataset's own setting
+    check_max_queue_size(max_queue_size)
     kind = _classify(x)
     n_workers = _resolve_workers(x, workers)
     if kind == "generator" and fn == "fit" and steps is None:
@@ -654,8 +261,10 @@ def _dataset_proxies(
     max_queue_size: int,
     fn: str,
 ) -> list[Any]:
-    """One proxy per dataset; one pool for all of them (NOTE [ One pool for training and
-    validation ]), or none with ``n_workers == 0``."""
+    """One proxy per dataset; one pool for all of them, or none with ``n_workers == 0``.
+
+    See NOTE [ One pool for training and validation ] in compatmp/_feeder.py.
+    """
     if not datasets:
         return []
     sources: list[_Source]
@@ -750,7 +359,7 @@ def fit(
     *,
     workers: int | None = None,
     start_method: str = "auto",
-    max_queue_size: int = 10,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     **fit_kwargs: Any,
 ) -> Any:
     """Train ``model`` on a dataset loaded by worker processes (or threads where unsafe).
@@ -761,7 +370,7 @@ def fit(
     start method that is safe on this platform (:func:`compatmp.decide_start_method`). Keras
     itself never pickles anything: it sees a proxy ``PyDataset`` with ``workers=1``.
 
-    Semantics kept from Keras 3 (NOTE [ How Keras 3 drives a PyDataset ] in this module):
+    Semantics kept from Keras 3 (NOTE [ How Keras 3 drives a PyDataset ] in compatmp/_feeder.py):
     every batch index is used exactly once per pass, in order, or in a random order per pass
     when ``shuffle=True`` (Keras' default; shuffled with ``random.shuffle`` like
     ``PyDatasetAdapter``); ``on_epoch_begin``/``on_epoch_end`` run in the main process at the
@@ -841,7 +450,7 @@ def evaluate(
     *,
     workers: int | None = None,
     start_method: str = "auto",
-    max_queue_size: int = 10,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     **kwargs: Any,
 ) -> Any:
     """Evaluate ``model`` on a dataset loaded by compatmp workers.
@@ -874,7 +483,7 @@ def predict(
     *,
     workers: int | None = None,
     start_method: str = "auto",
-    max_queue_size: int = 10,
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     **kwargs: Any,
 ) -> Any:
     """Predict on a dataset loaded by compatmp workers; rows come back in dataset order.

@@ -42,18 +42,12 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from ._args import describe
+
 __all__ = ["threadsafe_generator", "threadsafe_iter"]
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
-
-
-def _describe(obj: object) -> str:
-    """Return ``"<type> <repr>"`` for error messages, with the repr cut to 80 characters."""
-    text = repr(obj)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{type(obj).__qualname__} {text}"
 
 
 class threadsafe_iter(Iterator[_T], Generic[_T]):  # lower case: the recipe's name users know
@@ -61,10 +55,10 @@ class threadsafe_iter(Iterator[_T], Generic[_T]):  # lower case: the recipe's na
 
     Each ``next()`` holds a lock while it advances the wrapped iterator, so one item is
     produced at a time and every item goes to exactly one caller. Threads that call ``next()``
-    while another thread is producing an item wait for it (see NOTE [ No timeout on the
-    lock ] in this module). Once the iterator is exhausted, every caller gets
-    ``StopIteration``; an exception raised by the iterator goes to the thread whose ``next()``
-    raised it (for a generator, later calls then get ``StopIteration``, as usual).
+    while another thread is producing an item wait for it (see NOTE [ No timeout on the lock ]
+    in this module). Once the iterator is exhausted, every caller gets ``StopIteration``; an
+    exception raised by the iterator goes to the thread whose ``next()`` raised it (for a
+    generator, later calls then get ``StopIteration``, as usual).
 
     Fixes ``ValueError: generator already executing`` (raised by CPython's
     ``Objects/genobject.c`` when a generator is resumed while it runs in another thread). The
@@ -104,7 +98,7 @@ class threadsafe_iter(Iterator[_T], Generic[_T]):  # lower case: the recipe's na
         except TypeError:
             raise TypeError(
                 f"threadsafe_iter() needs an iterable or iterator (a generator object, a list, "
-                f"a file, any object with __iter__ or __getitem__); received {_describe(iterable)}."
+                f"a file, any object with __iter__ or __getitem__); received {describe(iterable)}."
             ) from None
         self._it: Iterator[_T] = it
         self._lock = threading.RLock()
@@ -205,7 +199,7 @@ def threadsafe_generator(
         )
         raise TypeError(
             "threadsafe_generator() decorates a generator function (a def containing yield); "
-            f"received {_describe(func)}, which is not callable.{hint}"
+            f"received {describe(func)}, which is not callable.{hint}"
         )
 
     @functools.wraps(func)

@@ -33,13 +33,8 @@ import keras_datasets as kd  # noqa: E402
 
 import compatmp  # noqa: E402
 from compatmp import ThreadFallbackWarning, WorkerCrashedError, available_methods  # noqa: E402
-from compatmp._keras import (  # noqa: E402
-    DEFAULT_MAX_WORKERS,
-    _Feeder,
-    _PoolState,
-    _resolve_workers,
-    _Source,
-)
+from compatmp._feeder import _Feeder, _PoolState, _Source  # noqa: E402
+from compatmp._keras import DEFAULT_MAX_WORKERS, _resolve_workers  # noqa: E402
 from compatmp._pool import OrderedPool  # noqa: E402
 from compatmp._worker import RemoteTraceback  # noqa: E402
 
@@ -505,7 +500,7 @@ def _generator_function():
     ("kwargs", "error", "match"),
     [
         ({"workers": -1}, ValueError, "workers must be >= 0; received -1"),
-        ({"workers": True}, TypeError, "workers must be an int >= 0 or None; received True"),
+        ({"workers": True}, TypeError, "workers must be an int >= 0; received True"),
         ({"workers": 1.5}, TypeError, "received 1.5 of type float"),
         ({"workers": "2"}, TypeError, "received '2' of type str"),
         ({"max_queue_size": 0}, ValueError, "max_queue_size must be >= 1"),

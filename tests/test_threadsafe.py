@@ -396,9 +396,11 @@ def test_generator_function_instead_of_generator_says_to_call_it() -> None:
 
 
 def test_decorator_on_non_callable_suggests_threadsafe_iter() -> None:
-    with pytest.raises(TypeError, match=r"received generator .*use threadsafe_iter\(obj\)"):
+    with pytest.raises(
+        TypeError, match=r"received builtins\.generator .*use threadsafe_iter\(obj\)"
+    ):
         threadsafe_generator(slow_numbers(3))  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="received int 5, which is not callable"):
+    with pytest.raises(TypeError, match=r"received builtins\.int 5, which is not callable"):
         threadsafe_generator(5)  # type: ignore[arg-type]
 
 
@@ -407,5 +409,5 @@ def test_decorated_function_returning_non_iterable_raises_type_error() -> None:
     def not_a_generator() -> int:  # type: ignore[misc]
         return 42
 
-    with pytest.raises(TypeError, match="received int 42"):
+    with pytest.raises(TypeError, match=r"received builtins\.int 42"):
         not_a_generator()
