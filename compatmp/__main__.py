@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(diagnose())
         return 0
     if args.command == "bench":
-        from ._bench import main as bench_main
+        from .bench import main as bench_main
 
         return bench_main(rest)
     from ._demo import main as demo_main

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from compatmp._bench import _is_helper
 from compatmp._platform import available_methods
 from compatmp._worker import get_worker_info
+from compatmp.bench.runner import _is_helper
 
 # The one source of start methods the pool tests run over (house rule 7).
 PROCESS_METHODS = available_methods()

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from compatmp import _bench
+from compatmp import bench
+from compatmp.bench import report as bench_report
+from compatmp.bench import workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +53,7 @@ def test_quick_cli_prints_table_and_writes_json(tmp_path):
 
     # The Markdown table: header with every column, then one ok row per configuration.
     lines = proc.stdout.splitlines()
-    header = "| " + " | ".join(_bench.TIMING_COLUMNS) + " |"
+    header = "| " + " | ".join(bench_report.TIMING_COLUMNS) + " |"
     assert header in lines
     rows = {
         cells[0]: cells
@@ -62,11 +64,13 @@ def test_quick_cli_prints_table_and_writes_json(tmp_path):
     for name in SMOKE_CONFIGS:
         assert name in rows, f"no table row for {name}:\n{proc.stdout}"
         cells = rows[name]
-        assert len(cells) == len(_bench.TIMING_COLUMNS)
+        assert len(cells) == len(bench_report.TIMING_COLUMNS)
         assert cells[-1] == "ok", cells
-    assert rows["serial"][_bench.TIMING_COLUMNS.index("x serial (total)")] == "1.00x"
-    assert rows["compatmp-thread"][_bench.TIMING_COLUMNS.index("peak RSS/worker (MB)")] == "n/a"
-    assert rows["compatmp-auto"][_bench.TIMING_COLUMNS.index("method")].startswith("auto -> ")
+    assert rows["serial"][bench_report.TIMING_COLUMNS.index("x serial (total)")] == "1.00x"
+    assert (
+        rows["compatmp-thread"][bench_report.TIMING_COLUMNS.index("peak RSS/worker (MB)")] == "n/a"
+    )
+    assert rows["compatmp-auto"][bench_report.TIMING_COLUMNS.index("method")].startswith("auto -> ")
     assert "### Targets" in proc.stdout
 
     # The JSON: run metadata (load average at start and end), rows, targets.
@@ -83,7 +87,7 @@ def test_quick_cli_prints_table_and_writes_json(tmp_path):
         assert row["status"] == "ok", row
         assert row["epoch1_s"] > 0 and row["epoch2_s"] > 0
         assert row["total_s"] == pytest.approx(sum(row["runs"][0]["epochs_s"]))
-        assert row["runs"][0]["batches"] == [_bench.QUICK_BATCHES, _bench.QUICK_BATCHES]
+        assert row["runs"][0]["batches"] == [workloads.QUICK_BATCHES, workloads.QUICK_BATCHES]
         assert row["speedup_total"] > 0 and row["efficiency"] > 0
     auto = loader[-1]
     assert auto["method_used"] in ("fork", "forkserver", "spawn", "thread")
@@ -104,7 +108,7 @@ def test_quick_cli_prints_table_and_writes_json(tmp_path):
 )
 def test_bad_arguments_say_what_is_valid(args, message, capsys):
     with pytest.raises(SystemExit) as info:
-        _bench.main(args)
+        bench.main(args)
     assert info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -131,7 +135,7 @@ def test_ratios_are_against_the_serial_row_and_efficiency_divides_by_workers():
     failed = _row("keras-mp-spawn", "keras", 1.0)
     failed["status"] = "fails"
     rows.append(failed)
-    _bench._add_ratios(rows)
+    bench_report._add_ratios(rows)
     assert rows[0]["speedup_total"] == 1.0 and rows[0]["efficiency"] == 1.0
     assert rows[1]["speedup_total"] == 2.0
     assert rows[1]["efficiency"] == 1.0  # 4 / (2 workers * 2 s)
@@ -153,9 +157,9 @@ def test_targets_report_met_and_not_met():
     ]
     big[-1]["peak_own_mb"] = 150.0
     for rows in (gil, big):
-        _bench._add_ratios(rows)
+        bench_report._add_ratios(rows)
     report = {"workloads": {"gil": {"loader": gil}, "bigbatch": {"loader": big}}}
-    verdicts = {t["target"]: t for t in _bench._evaluate_targets(report, 2)}
+    verdicts = {t["target"]: t for t in bench_report._evaluate_targets(report, 2)}
 
     def verdict(prefix):
         (match,) = [t for name, t in verdicts.items() if name.startswith(prefix)]

@@ -1,0 +1,43 @@
+"""``python -m compatmp bench``: compatmp against Keras' own workers and PyTorch's DataLoader.
+
+The benchmark lives inside the installed package, not in a script under ``benchmarks/``, for
+two reasons: ``python -m compatmp bench`` must work from an installed wheel as well as from a
+clone, and its child processes and their spawn/forkserver workers import the workloads by
+name (a dataset is pickled by reference, e.g. ``compatmp.bench.workloads.GilDataset``), which
+needs a module importable wherever compatmp is. Its results are in ``benchmarks/RESULTS.md``.
+
+Modules, by job:
+
+* ``workloads``: the datasets (``gil``, ``bigbatch``, ``images``) and their sizes;
+* ``loaders``: each library's loader driven the way that library is used, and timed;
+* ``runner``: one configuration per fresh child process, and its workers' peak memory;
+* ``report``: rows, ``x serial`` ratios, the issue's targets, Markdown tables, plot;
+* ``cli``: the configurations, the rounds, and :func:`main`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark suite (``python -m compatmp bench``) and print a Markdown report.
+
+    Imports the command line on call, so that a worker process importing
+    ``compatmp.bench.workloads`` loads nothing else of the benchmark.
+
+    Args:
+        argv (list[str] | None): command-line arguments (default: None, meaning
+            ``sys.argv[1:]``); ``--help`` lists them.
+
+    Returns:
+        int: 0 when every child process reported a result (a loader that *fails* - e.g. Keras
+        under spawn with a lock in the dataset - is a result), 1 when a child crashed or timed
+        out.
+
+    Raises:
+        SystemExit: bad arguments (argparse), or ``--plot`` without matplotlib.
+    """
+    from .cli import main as cli_main
+
+    return cli_main(argv)
