@@ -32,6 +32,7 @@ import pickle
 import queue
 import threading
 import types
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -286,15 +287,22 @@ class CompatPickler(cloudpickle.Pickler):
     Args:
         file (binary file): where the pickle is written.
         protocol (int | None): pickle protocol (default: cloudpickle's default, 5).
+        buffer_callback (Callable | None): out-of-band buffers, as for :func:`dumps`
+            (default: None).
         local_mp_locks (bool): rebuild ``multiprocessing`` locks, semaphores, conditions and
             events as *local* ``threading`` ones instead of failing (default: False). Each
             receiver then has its own lock, which synchronizes nothing across processes.
     """
 
     def __init__(
-        self, file: Any, protocol: int | None = None, *, local_mp_locks: bool = False
+        self,
+        file: Any,
+        protocol: int | None = None,
+        *,
+        buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None,
+        local_mp_locks: bool = False,
     ) -> None:
-        super().__init__(file, protocol=protocol)
+        super().__init__(file, protocol=protocol, buffer_callback=buffer_callback)
         self._local_mp_locks = local_mp_locks
 
     def reducer_override(self, obj: Any) -> Any:
@@ -345,13 +353,23 @@ def _swap_keras_base(cls: type, rv: Any) -> Any:
 
 
 def dumps(
-    obj: Any, *, protocol: int | None = None, local_mp_locks: bool = False, root: str = "dataset"
+    obj: Any,
+    protocol: int | None = None,
+    *,
+    buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None,
+    local_mp_locks: bool = False,
+    root: str = "dataset",
 ) -> bytes:
     """Pickle ``obj`` for another process: cloudpickle plus compatmp's reducers.
 
     Args:
         obj (object): anything; usually a ``PyDataset``/``Sequence`` or a dataset-like object.
         protocol (int | None): pickle protocol (default: 5, cloudpickle's default).
+        buffer_callback (Callable[[pickle.PickleBuffer], Any] | None): as in
+            ``cloudpickle.dumps`` / ``pickle.dumps`` (protocol 5, PEP 574): called with each
+            out-of-band buffer (e.g. a NumPy array's data); a falsy return value keeps the
+            buffer out of the pickle, to be passed to :func:`loads` as ``buffers`` (default:
+            None, every buffer is copied into the pickle).
         local_mp_locks (bool): see :class:`CompatPickler` (default: False).
         root (str): the name used for ``obj`` in error messages (default: ``"dataset"``).
 
@@ -366,27 +384,33 @@ def dumps(
     """
     buf = io.BytesIO()
     try:
-        CompatPickler(buf, protocol, local_mp_locks=local_mp_locks).dump(obj)
+        CompatPickler(
+            buf, protocol, buffer_callback=buffer_callback, local_mp_locks=local_mp_locks
+        ).dump(obj)
     except Exception as exc:  # PicklingError, TypeError, AttributeError, RuntimeError...
         found = find_unpicklable(obj, root=root, local_mp_locks=local_mp_locks)
         raise SerializationError(_failure_message(root, exc, found), found) from exc
     return buf.getvalue()
 
 
-def loads(data: bytes) -> Any:
+def loads(data: bytes, *, buffers: Iterable[Any] | None = None) -> Any:
     """Unpickle bytes made by :func:`dumps` (identical to ``pickle.loads``).
 
     Args:
         data (bytes): output of :func:`dumps`.
+        buffers (Iterable[buffer] | None): the out-of-band buffers that ``dumps``'s
+            ``buffer_callback`` kept, in the same order (``pickle.loads``, PEP 574); objects
+            rebuilt from them may share their memory (default: None).
 
     Returns:
         object: the rebuilt object; its locks, conditions and semaphores are new and unlocked.
 
     Raises:
         pickle.UnpicklingError, AttributeError, ImportError: when the bytes are corrupt or
-            refer to a module or class that this process cannot import.
+            refer to a module or class that this process cannot import, or out-of-band
+            buffers are missing.
     """
-    return pickle.loads(data)
+    return pickle.loads(data, buffers=buffers)
 
 
 def _failure_message(root: str, exc: BaseException, found: list[Unpicklable]) -> str:

@@ -384,3 +384,18 @@ def test_mixin_inside_compatmp_dumps_keeps_shared_identity():
     out = loads(dumps(outer))
     assert out["ds"].lock is out["same_lock"]
     assert out["ds"].scratch == "rebuilt"
+
+
+def test_out_of_band_buffers_stay_out_of_the_pickle_and_are_shared_on_load():
+    np = pytest.importorskip("numpy")
+    data = {"x": np.arange(1_000_000, dtype=np.float64), "lock": threading.Lock()}
+    kept: list[pickle.PickleBuffer] = []
+    blob = dumps(data, 5, buffer_callback=lambda b: kept.append(b) and False)
+    assert len(kept) == 1
+    assert len(blob) < 10_000  # the 8 MB array is not in it
+    raw = kept[0].raw()
+    back = loads(blob, buffers=kept)
+    assert np.shares_memory(back["x"], np.frombuffer(raw, dtype=np.float64))
+    assert back["lock"].acquire(blocking=False)
+    with pytest.raises(pickle.UnpicklingError):
+        loads(blob)  # buffers are required
