@@ -21,6 +21,7 @@ from ._exceptions import (
     WorkerCrashedError,
     WorkerTimeoutError,
 )
+from ._mixin import PickleSafeMixin
 from ._platform import (
     Decision,
     PlatformFacts,
@@ -29,15 +30,9 @@ from ._platform import (
     diagnose,
 )
 from ._pool import OrderedPool
-from ._serialize import (
-    CompatPickler,
-    PickleSafeMixin,
-    Unpicklable,
-    dumps,
-    find_unpicklable,
-    loads,
-)
+from ._serialize import CompatPickler, dumps, loads
 from ._threadsafe import threadsafe_generator, threadsafe_iter
+from ._unpicklable import Unpicklable, find_unpicklable
 from ._worker import WorkerInfo, get_worker_info
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__

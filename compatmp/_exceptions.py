@@ -5,7 +5,9 @@ The whole hierarchy; each class is also a stdlib type callers already catch::
     Exception
      +-- CompatMPError                       root of every compatmp error
           +-- StartMethodError               (also ValueError)
-          +-- SerializationError             (also pickle.PicklingError)
+          +-- SerializationError             (also pickle.PicklingError; raised by dumps
+                                              as a subclass that is also the original
+                                              error's type, see serialization_error)
           +-- WorkerCrashedError             (also RuntimeError)
           +-- WorkerTimeoutError             (also TimeoutError)
 
@@ -17,6 +19,7 @@ The whole hierarchy; each class is also a stdlib type callers already catch::
 from __future__ import annotations
 
 import pickle
+import threading
 
 __all__ = [
     "CompatMPError",
@@ -58,6 +61,89 @@ class SerializationError(CompatMPError, pickle.PicklingError):
     def __init__(self, message: str, unpicklable: list | None = None) -> None:
         super().__init__(message)
         self.unpicklable = list(unpicklable or [])
+
+
+# NOTE [ Errors of both types ]
+# cloudpickle raises what the failing object raised: TypeError for a lock, RuntimeError for a
+# multiprocessing lock outside process start, ValueError or anything else from a user's
+# __reduce__, PicklingError for deep recursion. Code written against cloudpickle catches those
+# types; compatmp adds the attribute paths and a fix, so its error must be both. dumps raises
+# an instance of a subclass of SerializationError *and* the original exception's type, made
+# once per original type and cached (the way Python's own OSError picks a subclass by errno,
+# and numpy.exceptions.AxisError is both ValueError and IndexError, but built on demand since
+# the original type can be any user class). Such a class takes one message argument whatever
+# the original type's constructor wants (BaseException.__init__, not the original's), prints
+# the message as BaseException does (KeyError would print its repr), and pickles as a call
+# that rebuilds the same dual type in the receiving process. When Python refuses the
+# combination (an exception type with an incompatible C layout, or a final class), the error
+# is a plain SerializationError with the original as __cause__, as before.
+
+_DUAL_TYPES: dict[type, type] = {}
+_DUAL_TYPES_LOCK = threading.Lock()
+
+
+def _dual_type(original: type) -> type:
+    """The cached subclass of ``SerializationError`` and ``original`` (or SerializationError)."""
+    if issubclass(original, SerializationError):
+        return original
+    if issubclass(SerializationError, original) or not issubclass(original, Exception):
+        return SerializationError  # PicklingError, Exception: SerializationError already is one
+    with _DUAL_TYPES_LOCK:
+        cls = _DUAL_TYPES.get(original)
+        if cls is None:
+            try:
+                cls = type(
+                    f"SerializationError[{original.__qualname__}]",
+                    (SerializationError, original),
+                    {
+                        "__module__": SerializationError.__module__,
+                        "__init__": _dual_init,
+                        "__str__": BaseException.__str__,
+                        "__reduce__": _dual_reduce,
+                        "__doc__": f"SerializationError that is also {original.__qualname__}.",
+                        "original_type": original,
+                    },
+                )
+            except TypeError:  # layout conflict, final class, metaclass conflict
+                cls = SerializationError
+            _DUAL_TYPES[original] = cls
+    return cls
+
+
+def _dual_init(self: SerializationError, message: str, unpicklable: list | None = None) -> None:
+    BaseException.__init__(self, message)
+    self.unpicklable = list(unpicklable or [])
+
+
+def _dual_reduce(self: SerializationError) -> tuple:
+    return _rebuild_serialization_error, (type(self).original_type, str(self), self.unpicklable)
+
+
+def _rebuild_serialization_error(
+    original: type, message: str, unpicklable: list
+) -> SerializationError:
+    return serialization_error(original, message, unpicklable)
+
+
+def serialization_error(
+    original: type, message: str, unpicklable: list | None = None
+) -> SerializationError:
+    """A ``SerializationError`` that is also an ``original``; NOTE [ Errors of both types ].
+
+    Args:
+        original (type): the type of the exception pickling raised, e.g. ``TypeError``.
+        message (str): the full message.
+        unpicklable (list[Unpicklable] | None): what ``find_unpicklable`` found (default: None).
+
+    Returns:
+        SerializationError: an instance of ``SerializationError`` and, unless Python refuses
+        the combination, of ``original``; ``type(err).original_type`` is ``original`` then.
+    """
+    cls = _dual_type(original)
+    try:
+        return cls(message, unpicklable)
+    except Exception:  # an original type whose __new__ insists on its own arguments
+        return SerializationError(message, unpicklable)
 
 
 class WorkerCrashedError(CompatMPError, RuntimeError):

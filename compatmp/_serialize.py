@@ -15,40 +15,44 @@ place that decides how such objects travel:
 * A ``keras.utils.PyDataset`` subclass sent by value is rebuilt on a Keras-free stand-in base,
   so a worker does not import TensorFlow just for the base class (NOTE [ PyDataset stand-in ]
   in :mod:`compatmp._standin`).
-* Anything still unpicklable is named by attribute path (:func:`find_unpicklable`), so the
-  error says ``dataset.cache._conn: sqlite3.Connection`` rather than just a type.
+* A class's own ``__reduce_ex__``/``__reduce__``/``__getstate__`` or copyreg entry wins over
+  these rules, as it does in pickle and cloudpickle.
+* Anything still unpicklable is named by attribute path (:func:`find_unpicklable`, in
+  :mod:`compatmp._unpicklable`), so the error says ``dataset.cache._conn: sqlite3.Connection``
+  rather than just a type; the error is also an instance of the type cloudpickle raised
+  (NOTE [ Errors of both types ] in :mod:`compatmp._exceptions`).
 
-:class:`PickleSafeMixin` gives a class the same treatment under *plain* ``pickle``, so it
-also works with Keras' own ``use_multiprocessing=True`` and with ``torch.utils.data``.
+:class:`PickleSafeMixin` (in :mod:`compatmp._mixin`) gives a class the same treatment under
+*plain* ``pickle``, so it also works with Keras' own ``use_multiprocessing=True`` and with
+``torch.utils.data``.
+
+Imports: this module imports :mod:`compatmp._mixin` (the pickler recognises mixin objects);
+:mod:`compatmp._unpicklable` imports this one, so :func:`dumps` imports it on the failure path
+only, and ``find_unpicklable``/``Unpicklable`` are still reachable here by name (PEP 562).
 """
 
 from __future__ import annotations
 
 import copyreg
+import gc
 import io
 import multiprocessing.synchronize as mp_sync
 import os
 import pickle
 import queue
+import sys
 import threading
-import types
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
-from ._exceptions import SerializationError
+from ._exceptions import serialization_error
+from ._mixin import _SELF_PID, PickleSafeMixin, _natural_reduce
 from ._standin import PyDatasetStandIn, keras_pydataset
 
-__all__ = [
-    "CompatPickler",
-    "PickleSafeMixin",
-    "Unpicklable",
-    "dumps",
-    "find_unpicklable",
-    "loads",
-]
+__all__ = ["CompatPickler", "PickleSafeMixin", "dumps", "loads"]
 
 # The protocol every dump uses: 5 gives out-of-band buffers and is the cloudpickle default.
 PROTOCOL = cloudpickle.DEFAULT_PROTOCOL
@@ -56,6 +60,7 @@ PROTOCOL = cloudpickle.DEFAULT_PROTOCOL
 _LockType = type(threading.Lock())
 _RLockTypes = tuple({type(threading.RLock()), threading._PyRLock})  # C and pure-Python RLock
 _SimpleQueueTypes = tuple({queue.SimpleQueue, getattr(queue, "_PySimpleQueue", queue.SimpleQueue)})
+_MISSING = object()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,25 +180,83 @@ def _simple_queue_reduce(obj: queue.SimpleQueue) -> tuple:
     return _make_simple_queue, (items,)
 
 
-# Read-only files are reopened by path, mode and offset in the receiving process (cloudpickle
-# alone would read the whole file into a StringIO). Files open for writing, sockets and the
-# like are refused: two processes appending to one handle is not something to do silently.
+# Read-only files are reopened by path, mode, offset, encoding, errors, newline and buffer size
+# in the receiving process (cloudpickle alone would read the whole file into a StringIO).
+# Files open for writing, sockets and the like are refused: writes made in a worker would go
+# to a copy (cloudpickle) or race the parent's handle, and neither should happen silently.
+# Python exposes neither a text file's ``newline=`` nor a buffer's size, so both are read back
+# from CPython's objects (_text_newline, _buffer_size); where that fails, the defaults apply.
 
 
 def _make_file(
-    path: str, mode: str, offset: int, encoding: str | None, errors: str | None
+    path: str,
+    mode: str,
+    offset: int,
+    encoding: str | None,
+    errors: str | None,
+    newline: str | None = None,
+    buffering: int = -1,
+    line_buffering: bool = False,
 ) -> io.IOBase:
     if "b" in mode:
-        f = open(path, mode)  # the receiver owns the reopened file
+        f = open(path, mode, buffering)  # the receiver owns the reopened file
     else:
-        f = open(path, mode, encoding=encoding, errors=errors)
+        f = open(path, mode, buffering, encoding=encoding, errors=errors, newline=newline)
+        if line_buffering and not f.line_buffering:
+            f.reconfigure(line_buffering=True)
     f.seek(offset)
     return f
 
 
-def _file_reduce(obj: io.IOBase) -> tuple:
-    import sys
+def _buffer_size(obj: Any) -> int:
+    """The buffer size of a buffered file (``buffering=`` of ``open``), or -1 if unknown."""
+    if isinstance(obj, io.FileIO):
+        return 0  # unbuffered: open(..., buffering=0)
+    size = getattr(obj, "buffer_size", None)  # _pyio's buffered classes
+    if isinstance(size, int):
+        return size
+    try:  # CPython's Buffered.__sizeof__ is the object plus its buffer (Modules/_io/bufferedio.c)
+        size = type(obj).__sizeof__(obj) - type(obj).__basicsize__
+    except Exception:
+        return -1
+    return size if size > 1 else -1
 
+
+def _text_newline(obj: io.TextIOWrapper) -> str | None:
+    """The ``newline=`` a text file was opened with (None when it cannot be told)."""
+    readnl = getattr(obj, "_readnl", _MISSING)  # _pyio.TextIOWrapper
+    if readnl is not _MISSING:
+        return readnl
+    try:
+        # CPython's TextIOWrapper traverses buffer, encoding, encoder, decoder, readnl, ...
+        # (textiowrapper_traverse in Modules/_io/textio.c, 3.8 to 3.14); readnl is NULL (not
+        # visited) for newline=None and the newline string otherwise.
+        refs = gc.get_referents(obj)
+        at = next(i for i, r in enumerate(refs) if hasattr(r, "decode") and hasattr(r, "getstate"))
+        decoder = refs[at]
+        if isinstance(decoder, io.IncrementalNewlineDecoder):  # newline None or "": universal
+            return None if _translates(decoder, obj.encoding) else ""
+        after = refs[at + 1] if at + 1 < len(refs) else None
+        return after if after in ("\n", "\r", "\r\n") else None
+    except Exception:
+        return None
+
+
+def _translates(decoder: io.IncrementalNewlineDecoder, encoding: str) -> bool:
+    """Whether a universal-newline decoder turns "\\r" into "\\n" (newline=None, not "")."""
+    saved = decoder.getstate()
+    seen = decoder.newlines
+    try:
+        decoder.reset()
+        return decoder.decode("\r".encode(encoding), True) == "\n"
+    finally:  # put back the decoder's state and the newline kinds it has seen (f.newlines)
+        decoder.reset()
+        for kind in (seen,) if isinstance(seen, str) else seen or ():
+            decoder.decode(kind.encode(encoding), True)
+        decoder.setstate(saved)
+
+
+def _file_reduce(obj: io.IOBase) -> tuple:
     if obj is sys.stdout or obj is sys.stderr or obj is sys.stdin:
         return NotImplemented  # cloudpickle's own rule (stdout/stderr by name; stdin refused)
     name = getattr(obj, "name", None)
@@ -203,8 +266,8 @@ def _file_reduce(obj: io.IOBase) -> tuple:
             f"cannot pickle file object {obj!r}: it has no path to reopen in the worker "
             "(open it inside __getitem__, or keep the path and open lazily)"
         )
-    if obj.closed:
-        raise pickle.PicklingError(f"cannot pickle closed file {name!r}")
+    if obj.closed:  # cloudpickle's wording, which callers match
+        raise pickle.PicklingError(f"Cannot pickle closed files: {name!r} is closed")
     if obj.writable() or any(c in mode for c in "wax+"):
         raise pickle.PicklingError(
             f"cannot pickle file {name!r} opened for writing (mode {mode!r}): only read-only "
@@ -219,7 +282,11 @@ def _file_reduce(obj: io.IOBase) -> tuple:
         ) from exc
     encoding = getattr(obj, "encoding", None)
     errors = getattr(obj, "errors", None)
-    return _make_file, (os.fsdecode(name), mode, offset, encoding, errors)
+    if isinstance(obj, io.TextIOWrapper):
+        extra = (_text_newline(obj), _buffer_size(obj.buffer), bool(obj.line_buffering))
+    else:
+        extra = (None, _buffer_size(obj), False)
+    return _make_file, (os.fsdecode(name), mode, offset, encoding, errors, *extra)
 
 
 # multiprocessing locks: pickling them outside process start raises RuntimeError ("Lock
@@ -254,28 +321,58 @@ def _mp_lock_reduce(obj: Any) -> tuple:
 _FILE_TYPES = (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO)
 
 
+# A class's own reduction wins over these rules: a subclass of Queue, Event, Lock... that
+# defines __reduce_ex__, __reduce__ or __getstate__ (or has a copyreg entry) is pickled the
+# way it says, like pickle and cloudpickle do. Only the stdlib classes themselves and
+# subclasses that add nothing to pickling get the rules.
+
+_RULE_MODULES = frozenset(
+    {"threading", "queue", "_thread", "_queue", "io", "_io", "_pyio", "multiprocessing.synchronize"}
+)
+_REDUCTION_METHODS = ("__reduce_ex__", "__reduce__", "__getstate__")
+
+
+def _has_own_reduction(cls: type) -> bool:
+    """Whether ``cls`` (a subclass of a class a rule is for) says how to pickle itself."""
+    if cls in copyreg.dispatch_table:
+        return True
+    for klass in cls.__mro__:
+        if klass.__module__ in _RULE_MODULES:
+            return False  # reached the stdlib class the rule is written for
+        if any(name in vars(klass) for name in _REDUCTION_METHODS):
+            return True
+    return False
+
+
+def _rule_for(obj: Any) -> Callable[[Any], Any] | None:
+    """Our reducer for ``obj``'s type, or None when none of our rules applies."""
+    if type(obj) is _LockType:
+        return _lock_reduce
+    if isinstance(obj, _RLockTypes):
+        return _rlock_reduce
+    if isinstance(obj, threading.Condition):
+        return _condition_reduce
+    if isinstance(obj, threading.Semaphore):
+        return _semaphore_reduce
+    if isinstance(obj, threading.Event):
+        return _event_reduce
+    if isinstance(obj, threading.Barrier):
+        return _barrier_reduce
+    if isinstance(obj, queue.Queue):
+        return _queue_reduce
+    if isinstance(obj, _SimpleQueueTypes):
+        return _simple_queue_reduce
+    if isinstance(obj, _FILE_TYPES):
+        return _file_reduce
+    return None
+
+
 def _reduce_by_type(obj: Any) -> Any:
     """Return our reduction for ``obj``, or NotImplemented when none of our rules applies."""
-    t = type(obj)
-    if t is _LockType:
-        return _lock_reduce(obj)
-    if isinstance(obj, _RLockTypes):
-        return _rlock_reduce(obj)
-    if isinstance(obj, threading.Condition):
-        return _condition_reduce(obj)
-    if isinstance(obj, threading.Semaphore):
-        return _semaphore_reduce(obj)
-    if isinstance(obj, threading.Event):
-        return _event_reduce(obj)
-    if isinstance(obj, threading.Barrier):
-        return _barrier_reduce(obj)
-    if isinstance(obj, queue.Queue):
-        return _queue_reduce(obj)
-    if isinstance(obj, _SimpleQueueTypes):
-        return _simple_queue_reduce(obj)
-    if isinstance(obj, _FILE_TYPES):
-        return _file_reduce(obj)
-    return NotImplemented
+    reducer = _rule_for(obj)
+    if reducer is None or _has_own_reduction(type(obj)):
+        return NotImplemented
+    return reducer(obj)
 
 
 class CompatPickler(cloudpickle.Pickler):
@@ -317,8 +414,10 @@ class CompatPickler(cloudpickle.Pickler):
         rv = _reduce_by_type(obj)
         if rv is not NotImplemented:
             return rv
-        if self._local_mp_locks and isinstance(
-            obj, (mp_sync.SemLock, mp_sync.Condition, mp_sync.Event)
+        if (
+            self._local_mp_locks
+            and isinstance(obj, (mp_sync.SemLock, mp_sync.Condition, mp_sync.Event))
+            and not _has_own_reduction(type(obj))
         ):
             return _mp_lock_reduce(obj)
         if isinstance(obj, PickleSafeMixin):
@@ -380,16 +479,30 @@ def dumps(
     Raises:
         SerializationError: something in ``obj`` still cannot be pickled. The message lists
             each offending attribute path (see :func:`find_unpicklable`) and how to fix it;
-            the original exception is the ``__cause__``.
+            the original exception is the ``__cause__``. The error is *also* an instance of
+            the original exception's type (``TypeError``, ``ValueError``, ``RuntimeError``,
+            ``pickle.PicklingError``...), so code written for cloudpickle still catches it
+            (NOTE [ Errors of both types ]). Finding the paths costs at most about 0.5 s plus
+            3 times the failed pickle (NOTE [ Searching for what cannot be pickled ]).
     """
     buf = io.BytesIO()
+    start = time.monotonic()
     try:
         CompatPickler(
             buf, protocol, buffer_callback=buffer_callback, local_mp_locks=local_mp_locks
         ).dump(obj)
     except Exception as exc:  # PicklingError, TypeError, AttributeError, RuntimeError...
-        found = find_unpicklable(obj, root=root, local_mp_locks=local_mp_locks)
-        raise SerializationError(_failure_message(root, exc, found), found) from exc
+        from ._unpicklable import search  # it imports this module
+
+        found, complete = search(
+            obj,
+            root,
+            error=exc,
+            seconds=time.monotonic() - start,
+            local_mp_locks=local_mp_locks,
+        )
+        message = _failure_message(root, exc, found, complete)
+        raise serialization_error(type(exc), message, found) from exc
     return buf.getvalue()
 
 
@@ -413,11 +526,20 @@ def loads(data: bytes, *, buffers: Iterable[Any] | None = None) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-def _failure_message(root: str, exc: BaseException, found: list[Unpicklable]) -> str:
-    lines = [f"cannot pickle {root} to send it to worker processes: {type(exc).__name__}: {exc}"]
+def _failure_message(root: str, exc: BaseException, found: list, complete: bool = True) -> str:
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(its message cannot be shown)"
+    lines = [f"cannot pickle {root} to send it to worker processes: {type(exc).__name__}: {text}"]
     if found:
         lines.append("These attributes cannot be pickled, even after compatmp's lock rules:")
         lines.extend(f"  {u.path}: {u.type_name} ({u.error})" for u in found)
+    if not complete:
+        lines.append(
+            "(The search for unpicklable attributes stopped at its limit of objects, depth or "
+            "time: there may be more; call compatmp.find_unpicklable on a part to see them.)"
+        )
     lines.append(
         "How to fix: create such objects lazily inside the worker (e.g. open the connection "
         "on first use in __getitem__), or drop them in __getstate__ and recreate them in "
@@ -427,183 +549,9 @@ def _failure_message(root: str, exc: BaseException, found: list[Unpicklable]) ->
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding what cannot be pickled, by attribute path
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unpicklable:
-    """One object that cannot be pickled, and where it sits.
-
-    Attributes:
-        path (str): attribute path from the root, e.g. ``"dataset.cache._conn"``; dict entries
-            appear as ``["key"]``, sequence items as ``[3]``, closure variables as
-            ``.<closure name>``, globals used by a function as ``.<global name>``, default
-            arguments as ``.<default name>`` and items of sets and SimpleQueues as
-            ``.<item i>``.
-        type_name (str): qualified type of the object, e.g. ``"sqlite3.Connection"``.
-        error (str): the error pickling it raised, as ``"TypeError: cannot pickle ..."``.
-    """
-
-    path: str
-    type_name: str
-    error: str
-
-
-# Limits of the search: datasets can be large graphs; we only descend into parts that fail,
-# but bound the cost anyway so an error message never takes longer than the failure.
-_MAX_DEPTH = 50
-_MAX_CHILDREN = 10_000
-
-
-def find_unpicklable(
-    obj: Any, *, root: str = "dataset", local_mp_locks: bool = False
-) -> list[Unpicklable]:
-    """List every part of ``obj`` that cannot be pickled, even after compatmp's rules.
-
-    The search pickles ``obj``; on failure it descends into the attributes (as given by the
-    object's ``__reduce_ex__``/``__getstate__``, so custom state is respected), dict entries,
-    sequence items and function closures that fail too, and reports the deepest failing
-    objects. Locks, queues, events and read-only files are *not* reported: :func:`dumps`
-    rebuilds them.
-
-    Args:
-        obj (object): the object to inspect.
-        root (str): the name of ``obj`` at the start of each path (default: ``"dataset"``).
-        local_mp_locks (bool): as in :func:`dumps` (default: False).
-
-    Returns:
-        list[Unpicklable]: empty when ``obj`` pickles; otherwise one entry per offending object
-        (generators, sockets, sqlite3 connections, files open for writing, ...), in
-        attribute order.
-    """
-    found: list[Unpicklable] = []
-    _search(obj, root, found, set(), 0, local_mp_locks)
-    return found
-
-
-def _pickle_error(obj: Any, local_mp_locks: bool) -> BaseException | None:
-    try:
-        CompatPickler(io.BytesIO(), local_mp_locks=local_mp_locks).dump(obj)
-    except Exception as exc:
-        return exc
-    return None
-
-
-def _search(
-    obj: Any, path: str, found: list[Unpicklable], seen: set[int], depth: int, local_mp_locks: bool
-) -> bool:
-    """Record the failing leaves under ``obj``; return True if ``obj`` fails to pickle."""
-    if id(obj) in seen:
-        return False
-    seen.add(id(obj))
-    error = _pickle_error(obj, local_mp_locks)
-    if error is None:
-        return False
-    failing_child = False
-    if depth < _MAX_DEPTH:
-        for child_path, child in _children(obj, path):
-            if _search(child, child_path, found, seen, depth + 1, local_mp_locks):
-                failing_child = True
-    if not failing_child:
-        t = type(obj)
-        found.append(
-            Unpicklable(
-                path, f"{t.__module__}.{t.__qualname__}", f"{type(error).__name__}: {error}"
-            )
-        )
-    return True
-
-
-def _children(obj: Any, path: str) -> list[tuple[str, Any]]:
-    """The named parts of ``obj`` that pickle would visit, as ``(path, value)`` pairs."""
-    out: list[tuple[str, Any]] = []
-    if isinstance(obj, dict):
-        out = [(f"{path}[{k!r}]", v) for k, v in obj.items()]
-        out += [(f"{path}.<key {k!r}>", k) for k in obj]
-    elif isinstance(obj, (list, tuple)):
-        out = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
-    elif isinstance(obj, (set, frozenset)):
-        out = [(f"{path}.<item {i}>", v) for i, v in enumerate(obj)]
-    elif isinstance(obj, _SimpleQueueTypes):
-        # Its __reduce_ex__ refuses, but dumps sends its items (_simple_queue_reduce).
-        items = _simple_queue_reduce(obj)[1][0]
-        out = [(f"{path}.<item {i}>", v) for i, v in enumerate(items)]
-    elif isinstance(obj, types.FunctionType):
-        if obj.__closure__:
-            for name, cell in zip(obj.__code__.co_freevars, obj.__closure__, strict=True):
-                try:
-                    out.append((f"{path}.<closure {name}>", cell.cell_contents))
-                except ValueError:  # empty cell
-                    pass
-        for name in obj.__code__.co_names:
-            if name in obj.__globals__:
-                out.append((f"{path}.<global {name}>", obj.__globals__[name]))
-        if obj.__defaults__:
-            code = obj.__code__
-            names = code.co_varnames[: code.co_argcount][-len(obj.__defaults__) :]
-            out += [
-                (f"{path}.<default {n}>", v) for n, v in zip(names, obj.__defaults__, strict=True)
-            ]
-        for name, value in (obj.__kwdefaults__ or {}).items():
-            out.append((f"{path}.<default {name}>", value))
-    elif isinstance(obj, types.MethodType):
-        out = [(f"{path}.__self__", obj.__self__), (f"{path}.__func__", obj.__func__)]
-    elif not isinstance(obj, type):
-        out = _state_children(obj, path)
-    return out[:_MAX_CHILDREN]
-
-
-def _state_children(obj: Any, path: str) -> list[tuple[str, Any]]:
-    try:
-        rv = obj.__reduce_ex__(PROTOCOL)
-    except Exception:
-        return []  # the object itself refuses to be reduced: it is the leaf
-    if not isinstance(rv, tuple):
-        return []
-    out: list[tuple[str, Any]] = []
-    args = rv[1] if len(rv) > 1 else ()
-    state = rv[2] if len(rv) > 2 else None
-    if (
-        isinstance(state, tuple)
-        and len(state) == 2
-        and (state[0] is None or isinstance(state[0], dict))
-        and isinstance(state[1], dict)
-    ):
-        state = {**(state[0] or {}), **state[1]}  # (__dict__, __slots__ values)
-    if isinstance(state, dict):
-        out += [
-            (f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r}]", v) for k, v in state.items()
-        ]
-    elif state is not None:
-        out.append((f"{path}.<state>", state))
-    if isinstance(args, tuple):
-        # copyreg.__newobj__'s first argument is the class itself: not an attribute
-        skip_cls = rv[0] is copyreg.__newobj__ and args and args[0] is type(obj)
-        out += [(f"{path}.<arg {i}>", a) for i, a in enumerate(args) if not (skip_cls and i == 0)]
-    if len(rv) > 3 and rv[3] is not None:
-        out += [(f"{path}[{i}]", v) for i, v in enumerate(list(rv[3])[:_MAX_CHILDREN])]
-    if len(rv) > 4 and rv[4] is not None:
-        out += [(f"{path}[{k!r}]", v) for k, v in list(rv[4])[:_MAX_CHILDREN]]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# PickleSafeMixin: the same rules under plain pickle
-# ---------------------------------------------------------------------------------------------
-#
-# The mixin overrides __reduce_ex__ rather than __getstate__, so that it composes with a
-# subclass's own __getstate__/__setstate__: the subclass decides *what* its state is, the
-# mixin makes that state picklable (at any depth: a lock inside a dict inside a helper object)
-# by pickling it with CompatPickler, and hands the rebuilt state to the subclass's
-# __setstate__ (or to the default __dict__ update). A reference back to the object itself
-# inside its state is kept as a reference (persistent id), not pickled twice.
-
-_SELF_PID = "compatmp:self"
-
-
 class _StatePickler(CompatPickler):
+    """Pickles a PickleSafeMixin object's state; the object itself becomes a reference."""
+
     def __init__(self, file: Any, owner: Any) -> None:
         super().__init__(file)
         self._owner = owner
@@ -612,107 +560,10 @@ class _StatePickler(CompatPickler):
         return _SELF_PID if obj is self._owner else None
 
 
-class _StateUnpickler(pickle.Unpickler):
-    def __init__(self, file: Any, owner: Any) -> None:
-        super().__init__(file)
-        self._owner = owner
+def __getattr__(name: str) -> Any:
+    # find_unpicklable and Unpicklable lived here before compatmp._unpicklable existed.
+    if name in ("find_unpicklable", "Unpicklable"):
+        from . import _unpicklable
 
-    def persistent_load(self, pid: Any) -> Any:
-        if pid == _SELF_PID:
-            return self._owner
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
-
-
-def _natural_reduce(obj: Any, protocol: int) -> tuple:
-    """The reduction ``object.__reduce_ex__`` gives, i.e. ignoring PickleSafeMixin's."""
-    return object.__reduce_ex__(obj, protocol)
-
-
-def _make_pickle_safe(func: Any, args: tuple, blob: bytes) -> Any:
-    obj = func(*args)
-    state, listitems, dictitems = _StateUnpickler(io.BytesIO(blob), obj).load()
-    if state is not None:
-        setstate = getattr(obj, "__setstate__", None)
-        if setstate is not None:
-            setstate(state)
-        else:  # Python 3.10: object has no default __setstate__
-            if isinstance(state, tuple) and len(state) == 2:
-                state, slotstate = state
-            else:
-                slotstate = None
-            if state:
-                obj.__dict__.update(state)
-            if slotstate:
-                for key, value in slotstate.items():
-                    setattr(obj, key, value)
-    if listitems:
-        obj.extend(listitems)
-    if dictitems:
-        for key, value in dictitems:
-            obj[key] = value
-    return obj
-
-
-class PickleSafeMixin:
-    """Make a class picklable with plain ``pickle``, locks and all, at any depth.
-
-    Inherit it (first, or anywhere in the bases) and instances pickle with ``pickle.dumps``,
-    Keras' own ``use_multiprocessing=True`` workers and ``torch.utils.data.DataLoader``
-    under ``spawn``, even when they hold ``threading`` locks, conditions, semaphores, events,
-    barriers, queues, read-only files or lambdas - directly or deep inside helper objects and
-    containers. In the unpickled copy, every lock is new and unlocked, events keep their
-    state, queues their items, files their path and offset.
-
-    It composes with your own ``__getstate__``/``__setstate__``: whatever ``__getstate__``
-    returns is what gets made safe, and ``__setstate__`` receives it with fresh locks. It
-    works with ``keras.utils.PyDataset`` as a base too::
-
-        class Images(compatmp.PickleSafeMixin, keras.utils.PyDataset):
-            def __init__(self, paths, **kwargs):
-                super().__init__(**kwargs)
-                self._lock = threading.Lock()
-                ...
-
-    ``copy.copy`` stays a plain shallow copy; ``copy.deepcopy`` goes through pickling and
-    therefore also gets fresh locks. Unpickling needs ``cloudpickle`` importable (the state is
-    written with :class:`CompatPickler`).
-
-    Raises:
-        SerializationError: on pickling, when something in the state still cannot be pickled
-            (e.g. a generator or an sqlite3 connection); the message names its path.
-    """
-
-    __slots__ = ()
-
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        rv = _natural_reduce(self, protocol)
-        func, args = rv[0], rv[1]
-        state = rv[2] if len(rv) > 2 else None
-        listitems = list(rv[3]) if len(rv) > 3 and rv[3] is not None else None
-        dictitems = list(rv[4]) if len(rv) > 4 and rv[4] is not None else None
-        buf = io.BytesIO()
-        try:
-            _StatePickler(buf, self).dump((state, listitems, dictitems))
-        except Exception as exc:
-            root = type(self).__name__
-            if isinstance(state, dict):
-                found = [
-                    u
-                    for key, value in state.items()
-                    for u in find_unpicklable(value, root=f"{root}.{key}")
-                ]
-            else:
-                found = find_unpicklable(state, root=f"{root}.<state>")
-            raise SerializationError(_failure_message(root, exc, found), found) from exc
-        return _make_pickle_safe, (func, args, buf.getvalue())
-
-    def __copy__(self) -> Any:
-        cls = type(self)
-        new = cls.__new__(cls)
-        if hasattr(self, "__dict__"):
-            new.__dict__.update(self.__dict__)
-        for klass in cls.__mro__:
-            for name in getattr(klass, "__slots__", ()):
-                if name not in ("__dict__", "__weakref__") and hasattr(self, name):
-                    setattr(new, name, getattr(self, name))
-        return new
+        return getattr(_unpicklable, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
