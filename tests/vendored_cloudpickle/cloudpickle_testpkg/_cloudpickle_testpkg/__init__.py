@@ -1,0 +1,89 @@
+# Vendored from cloudpickle (https://github.com/cloudpipe/cloudpickle),
+# file tests/cloudpickle_testpkg/_cloudpickle_testpkg/__init__.py at commit f5199fe2bc102a5ee070c743336699fc885ca966.
+# compatmp runs cloudpickle's own test suite with compatmp's functions substituted
+# (tests/vendored_cloudpickle/conftest.py). Changes from upstream:
+#   The assert-rewrite registration names this package instead of `tests`.
+#
+# cloudpickle's licence (BSD-3-Clause), from its LICENSE file:
+#
+# This module was extracted from the `cloud` package, developed by
+# PiCloud, Inc.
+#
+# Copyright (c) 2015, Cloudpickle contributors.
+# Copyright (c) 2012, Regents of the University of California.
+# Copyright (c) 2009 PiCloud, Inc. http://www.picloud.com.
+# All rights reserved.
+#
+# Redistribution and use in source and binary forms, with or without
+# modification, are permitted provided that the following conditions
+# are met:
+#     * Redistributions of source code must retain the above copyright
+#       notice, this list of conditions and the following disclaimer.
+#     * Redistributions in binary form must reproduce the above copyright
+#       notice, this list of conditions and the following disclaimer in the
+#       documentation and/or other materials provided with the distribution.
+#     * Neither the name of the University of California, Berkeley nor the
+#       names of its contributors may be used to endorse or promote
+#       products derived from this software without specific prior written
+#       permission.
+#
+# THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS
+# "AS IS" AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT
+# LIMITED TO, THE IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR
+# A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT
+# HOLDER OR CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL,
+# SPECIAL, EXEMPLARY, OR CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED
+# TO, PROCUREMENT OF SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR
+# PROFITS; OR BUSINESS INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF
+# LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING
+# NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS
+# SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
+
+import typing
+from . import mod  # noqa
+
+
+def package_function():
+    """Function living inside a package, not a simple module"""
+    return "hello from a package!"
+
+
+global_variable = "some global variable"
+
+
+def package_function_with_global():
+    global global_variable
+    return global_variable
+
+
+class _SingletonClass:
+    def __reduce__(self):
+        # This reducer is only valid for the top level "some_singleton" object.
+        return "some_singleton"
+
+
+def relative_imports_factory():
+    """Factory creating dynamically-defined functions using relative imports
+
+    Relative import of functions living both inside modules and packages are
+    tested.
+    """
+
+    def f():
+        # module_function belongs to _cloudpickle_testpkg.mod, which is a
+        # module
+        from .mod import module_function
+
+        return module_function()
+
+    def g():
+        # package_function belongs to _cloudpickle_testpkg, which is a package
+        from . import package_function
+
+        return package_function()
+
+    return f, g
+
+
+some_singleton = _SingletonClass()
+T = typing.TypeVar("T")
