@@ -10,23 +10,29 @@ variables...) and, at each level, test-pickles only what may contain the culprit
 * The root's error is the one ``dumps`` caught: it is not pickled again.
 * Siblings are tested in groups of ``_GROUP`` (one pickle of a tuple of 64 items instead of
   64 picklers); only a failing group is split into single tests. 20,000 records with one bad
-  record cost ~313 group pickles and 64 single ones, not 20,000 pickles.
+  record cost ~313 group pickles and 64 single ones, not 20,000 pickles. Up to ``_FEW``
+  siblings (a typical object's attributes) are tested one by one: their parent fails, so a
+  group test would fail too and only cost one more pickle of all of them.
 * Test pickles write to a sink that throws the bytes away and keep protocol-5 buffers out of
   band (``buffer_callback`` returns a false value), so a NumPy array costs nothing to test.
-* An object seen once is not searched again (shared objects, cycles).
+* An object seen once is not searched again (shared objects, cycles). Successive tests share
+  one pickler (and its memo) until one fails, so a class defined in ``__main__``, which
+  cloudpickle sends by value with its methods, is not serialized again for every test.
 * Bounds: at most ``_MAX_FOUND`` culprits, ``_MAX_DEPTH`` levels, and a time budget (from
   :func:`compatmp.dumps`: ``_BUDGET_FLOOR`` seconds plus ``_BUDGET_FACTOR`` times the failed
   pickle). Past a bound the deepest failing object reached so far is reported and the message
   says the list may be incomplete.
-* Every step that touches the user's object (``isinstance``, ``__reduce_ex__``, ``str`` of
+* Every step that touches the user's object (``__reduce_ex__``, iteration, ``str`` of
   an error) is guarded: an object whose ``__getattribute__`` recurses forever, or whose
   properties raise, is reported as the culprit instead of breaking the search.
 
-Measured (``/tmp`` script in the issue-12 report; a dataset with a 61 MB image array, 20,000
-record objects, an index dict over them, a lock, a lambda and an ``sqlite3`` connection two
-levels down; 2-core machine): ``dumps`` raising took 270 ms against 103 ms for the failing
-pickle before (2.6x), ~1.5x after; with every 100th record holding a generator, 979 ms
-against 23 ms before (42x), ~3x after.
+Measured (a dataset with a 61 MB uint8 image array, a label array, 20,000 record objects of
+a class defined in ``__main__``, a dict indexing them, a lock, a lambda and an ``sqlite3``
+connection two levels down; best of 3, 2-core machine under load): ``dumps`` raising took
+576-652 ms against 181-184 ms for the failing pickle before (3.2-3.5x), 267-328 ms after
+(1.5-1.7x). With every 100th record also holding a generator: 1.35-1.45 s against 68-69 ms
+before (20-21x, 102 culprits listed), 62-79 ms against 39-41 ms after (1.5-2.0x, the first
+20 listed).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _MAX_DEPTH = 50  # levels below the root
 _MAX_FOUND = 20  # culprits listed; beyond that the message says there are more
 _MAX_CHILDREN = 1_000_000  # parts of one object looked at
 _GROUP = 64  # siblings tested in one pickle
+_FEW = 8  # up to this many siblings are tested one by one
 _BUDGET_FLOOR = 0.5  # seconds the search may always take
 _BUDGET_FACTOR = 3.0  # ... plus this many times the failed pickle
 
@@ -151,6 +158,9 @@ class _Search:
         self.seen: set[int] = set()
         self.complete = True
         self.deadline = float("inf")
+        # One pickler for successive tests while they succeed: its memo then holds only
+        # objects that pickled, and a class sent by value is not sent again for every test.
+        self.pickler: CompatPickler | None = None
 
     def stopped(self) -> bool:
         if len(self.found) >= _MAX_FOUND or time.monotonic() > self.deadline:
@@ -159,11 +169,14 @@ class _Search:
         return False
 
     def error_of(self, obj: Any) -> BaseException | None:
-        try:
-            CompatPickler(
+        if self.pickler is None:
+            self.pickler = CompatPickler(
                 _Sink(), PROTOCOL, buffer_callback=_out_of_band, local_mp_locks=self.local_mp_locks
-            ).dump(obj)
+            )
+        try:
+            self.pickler.dump(obj)
         except Exception as exc:
+            self.pickler = None  # its memo may hold objects whose pickling failed half-way
             return exc
         return None
 
@@ -202,7 +215,9 @@ class _Search:
     def _failing_in(
         self, group: list[tuple[str, Any, Any]]
     ) -> Iterator[tuple[str, Any, BaseException]]:
-        if len(group) > 1 and self.error_of(tuple(c[2] for c in group)) is None:
+        # A few siblings are tested one by one: their parent fails, so a group test would
+        # almost surely fail too and only add one more pickle of all of them.
+        if len(group) > _FEW and self.error_of(tuple(c[2] for c in group)) is None:
             return
         for template, key, child in group:
             if id(child) in self.seen or self.stopped():
