@@ -246,17 +246,18 @@ def _children(obj: Any, path: str) -> Iterator[tuple[str, Any, Any]]:
     esc = path.replace("{", "{{").replace("}", "}}")
     try:
         t = type(obj)
+        # Containers are iterated in place (no copy of a huge one); one that changes size
+        # meanwhile raises, which ends the listing like any other error.
         if issubclass(t, dict):
-            items = list(obj.items())
-            for k, v in items:
+            for k, v in obj.items():
                 yield esc + "[{!r}]", k, v
-            for k, _ in items:
+            for k in obj:
                 yield esc + ".<key {!r}>", k, k
         elif issubclass(t, (list, tuple)):
-            for i, v in enumerate(list(obj)):
+            for i, v in enumerate(obj):
                 yield esc + "[{}]", i, v
         elif issubclass(t, (set, frozenset)):
-            for i, v in enumerate(list(obj)):
+            for i, v in enumerate(obj):
                 yield esc + ".<item {}>", i, v
         elif issubclass(t, _SimpleQueueTypes):
             # Its __reduce_ex__ refuses, but dumps sends its items (_simple_queue_reduce).
@@ -310,7 +311,7 @@ def _state_children(obj: Any, esc: str) -> Iterator[tuple[str, Any, Any]]:
     ):
         state = {**(state[0] or {}), **state[1]}  # (__dict__, __slots__ values)
     if isinstance(state, dict):
-        for k, v in list(state.items()):
+        for k, v in state.items():
             if isinstance(k, str):
                 yield esc + ".{}", k, v
             else:
