@@ -11,7 +11,8 @@ place that decides how such objects travel:
   process. A held lock is never restored as held (dill does, which deadlocks the child the
   first time it takes the lock): the holder's thread does not exist over there.
 * Queues keep their items, events keep their set/unset state, semaphores their value,
-  barriers their parties; read-only files are reopened at the same path, mode and offset.
+  barriers their parties; read-only files are reopened at the same path, mode, offset,
+  encoding, ``newline=`` and buffer size.
 * A ``keras.utils.PyDataset`` subclass sent by value is rebuilt on a Keras-free stand-in base,
   so a worker does not import TensorFlow just for the base class (NOTE [ PyDataset stand-in ]
   in :mod:`compatmp._standin`).
@@ -406,7 +407,9 @@ class CompatPickler(cloudpickle.Pickler):
         """Reduce locks, queues, files and PickleSafeMixin objects; defer the rest to cloudpickle.
 
         Classes cloudpickle sends by value lose a direct ``keras.utils.PyDataset`` base to
-        :class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]).
+        :class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]). A subclass
+        of a lock, queue, event... or file type that defines ``__reduce_ex__``, ``__reduce__``
+        or ``__getstate__``, or has a ``copyreg`` entry, is left to its own reduction.
 
         Raises:
             pickle.PicklingError: for files open for writing or without a path.
