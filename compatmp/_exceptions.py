@@ -51,7 +51,10 @@ class SerializationError(CompatMPError, pickle.PicklingError):
     Raised by :func:`compatmp.dumps`. The message names the attribute path of each offending
     object (as found by :func:`compatmp.find_unpicklable`, e.g.
     ``dataset.cache._conn: sqlite3.Connection``) and how to fix it. The original error is
-    chained as ``__cause__``.
+    chained as ``__cause__``, and the raised error is an instance of a subclass named e.g.
+    ``SerializationError[TypeError]`` that is also the original error's type, so
+    ``except TypeError`` written for cloudpickle still catches it (NOTE [ Errors of both
+    types ]; ``type(err).original_type`` is that type).
 
     Attributes:
         unpicklable (list[Unpicklable]): what :func:`compatmp.find_unpicklable` found; may be
