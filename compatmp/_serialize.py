@@ -485,7 +485,7 @@ def dumps(
             the original exception is the ``__cause__``. The error is *also* an instance of
             the original exception's type (``TypeError``, ``ValueError``, ``RuntimeError``,
             ``pickle.PicklingError``...), so code written for cloudpickle still catches it
-            (NOTE [ Errors of both types ]). Finding the paths costs at most about 0.5 s plus
+            (NOTE [ Errors of both types ]). Finding the paths costs at most about 1 s plus
             3 times the failed pickle (NOTE [ Searching for what cannot be pickled ]).
     """
     buf = io.BytesIO()

@@ -53,7 +53,7 @@ _MAX_FOUND = 20  # culprits listed; beyond that the message says there are more
 _MAX_CHILDREN = 1_000_000  # parts of one object looked at
 _GROUP = 64  # siblings tested in one pickle
 _FEW = 8  # up to this many siblings are tested one by one
-_BUDGET_FLOOR = 0.5  # seconds the search may always take
+_BUDGET_FLOOR = 1.0  # seconds the search may always take (a loaded machine stalls)
 _BUDGET_FACTOR = 3.0  # ... plus this many times the failed pickle
 
 
@@ -86,7 +86,7 @@ def find_unpicklable(
     sequence items and function closures that fail too, and reports the deepest failing
     objects. Locks, queues, events and read-only files are *not* reported: :func:`dumps`
     rebuilds them. It never raises (an object that breaks the search is itself reported) and
-    is bounded: at most 20 entries, 50 levels, and about 0.5 s plus 3 times one pickle of
+    is bounded: at most 20 entries, 50 levels, and about 1 s plus 3 times one pickle of
     ``obj`` (NOTE [ Searching for what cannot be pickled ]).
 
     Args:

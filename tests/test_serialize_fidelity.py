@@ -210,7 +210,7 @@ def test_find_unpicklable_is_bounded_on_huge_failing_containers():
     data = [(i, (j for j in range(1))) for i in range(50_000)]  # 50,000 generators
     start = time.monotonic()
     found = find_unpicklable(data)
-    assert time.monotonic() - start < 30  # the budget is ~0.5 s + 3 pickles; 30 s for load
+    assert time.monotonic() - start < 30  # the budget is ~1 s + 3 pickles; 30 s for load
     assert 1 <= len(found) <= 20
     assert found[0].path == "dataset[0][1]"
     with pytest.raises(SerializationError, match="may be more"):
