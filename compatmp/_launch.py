@@ -177,11 +177,15 @@ def _global_bases(module: str, qualname: str) -> set[str]:
     }
 
 
-def _forkserver_preload(ctx: Any, payloads: list[bytes]) -> None:
+def _forkserver_preload(ctx: Any, payloads: list[Any]) -> None:
     """Set the forkserver's preload list from the pickles workers will load (NOTE above)."""
     modules = set()
     for payload in payloads:
-        modules |= _pickled_modules(payload)
+        recorded = getattr(payload, "modules", None)  # a _shared_data.SharedPayload
+        if recorded is not None:
+            modules |= set(recorded)  # noted while pickling: no walk over the pickle
+        elif isinstance(payload, bytes):
+            modules |= _pickled_modules(payload)
     heavy = sorted(m for m in modules if m in sys.modules and m not in _NOT_PRELOADED)
     preload = ["compatmp._worker", *heavy]
     ctx.set_forkserver_preload(preload)
