@@ -85,8 +85,18 @@ SHARE_THRESHOLD = 1024 * 1024
 _FINGERPRINT_SAMPLES = 256 * 1024
 _EDGE = 4096
 
-# Packages never sent by value (NOTE [ Workers without Keras ] in this module).
-_FRAMEWORKS = frozenset({"keras", "tensorflow", "tf_keras", "compatmp"})
+# Packages never sent by value (NOTE [ Workers without Keras ] in this module); compatmp's
+# own private modules (``compatmp._*``) neither.
+_FRAMEWORKS = frozenset({"keras", "tensorflow", "tf_keras"})
+
+
+def _is_framework(module: str) -> bool:
+    return (
+        module.split(".")[0] in _FRAMEWORKS
+        or module == "compatmp"
+        or module.startswith("compatmp._")
+    )
+
 
 # Top-level modules never worth preloading in the forkserver.
 _NOT_PRELOADED = frozenset({"__main__", "builtins", "copyreg", "_codecs", "cloudpickle"})
@@ -444,7 +454,7 @@ def _by_value_modules(obj: Any) -> list[types.ModuleType]:
             break
         name = getattr(c, "__module__", None)
         module = sys.modules.get(name) if isinstance(name, str) else None
-        if module is None or name == "__main__" or name.split(".")[0] in _FRAMEWORKS:
+        if module is None or name == "__main__" or _is_framework(name):
             continue
         if module not in found:
             found.append(module)

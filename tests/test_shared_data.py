@@ -211,3 +211,16 @@ def test_module_defined_keras_datasets_under_spawn():
         timeout=280,
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.timeout(300)
+def test_bigdata_bench_smoke(capsys):
+    from compatmp.bench import cli
+
+    methods = "spawn" if "spawn" in PROCESS_METHODS else PROCESS_METHODS[0]
+    code = cli.main(
+        ["--workload", "bigdata", "--megabytes", "8", "--workers", "1", "--methods", methods]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"| compatmp-{methods} | 8 | 1 |" in out and "update s" in out
