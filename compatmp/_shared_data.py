@@ -45,7 +45,13 @@ are dropped after the workers have it. What this guarantees:
 Fork. Under ``fork`` the workers inherit the dataset object itself (no pickle, no block,
 nothing copied: the pages are shared copy-on-write); the sharer still pickles it once
 (cheaply, buffers out-of-band and not copied) to know its state and to fail early when it
-cannot be pickled. The first update that changes anything sends a full :class:`SharedPayload`.
+cannot be pickled. An update then sends a :class:`SharedPayload` whose unchanged big buffers
+are *inherited* references (``BufferRef.name == ""``): the buffer's identity key, whose data
+address is valid in the forked worker too (same address space at fork time). The main
+process registers those keys with their owners in :data:`_inherited` before the workers
+fork, so each worker holds the owners alive in its own copy and rebuilds the buffer as a
+read-only view of its copy-on-write pages (:func:`_inherited_view`): nothing copied, nothing
+in shared memory. Buffers that changed since the fork go into blocks as above.
 
 Where blocks do not fit (``/dev/shm`` nearly full, e.g. Docker's 64 MB default), the buffer
 is pickled in-band, as before: slower, never wrong.
@@ -71,6 +77,7 @@ import cloudpickle
 import numpy as np
 
 from . import _shm
+from ._exceptions import SerializationError
 from ._serialize import CompatPickler, dumps, loads
 from ._standin import PyDatasetStandIn, keras_pydataset
 
@@ -107,12 +114,16 @@ class BufferRef:
     """One out-of-band buffer of the dataset, in a shared-memory block.
 
     Attributes:
-        name (str): the block name (no leading ``/``).
+        name (str): the block name (no leading ``/``); ``""`` for a buffer a forked worker
+            inherited.
         nbytes (int): the buffer's size in bytes (the block may be larger: page rounding).
+        key (tuple | None): for an inherited buffer, its identity key (owner id, address,
+            size, format, shape) in the main process at fork time.
     """
 
     name: str
     nbytes: int
+    key: tuple | None = None  # name "": a buffer the forked worker inherited (NOTE above)
 
 
 @dataclass(frozen=True)
@@ -152,8 +163,28 @@ class SharedPayload:
 
 _mapped: dict[str, memoryview] = {}  # block name -> read-only view, in this worker process
 
+# Identity key -> owner of each buffer forked workers inherit; filled by the main process
+# before it forks them, read in the workers (their copy). NOTE [ Shared dataset buffers ].
+_inherited: dict[tuple, Any] = {}
+
+
+def _inherited_view(key: tuple) -> memoryview:
+    """A read-only view of an inherited buffer: the worker's copy-on-write pages."""
+    import ctypes
+
+    if key not in _inherited:
+        raise RuntimeError(
+            "compatmp: an update named a dataset buffer this worker did not inherit "
+            "(internal error: only forked workers get inherited references)"
+        )
+    address, nbytes = key[1], key[2]
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B").toreadonly()
+
 
 def _worker_view(ref: BufferRef) -> memoryview:
+    if not ref.name:
+        assert ref.key is not None
+        return _inherited_view(ref.key)
     view = _mapped.get(ref.name)
     if view is None:
         view = _mapped[ref.name] = _map_readonly(ref.name, ref.nbytes)
@@ -216,7 +247,8 @@ class _Entry:
     fingerprint: bytes
     writeable: bool
     serial: int
-    block: SharedMemory | None = None  # None: inherited by forked workers, not in a block
+    block: SharedMemory | None = None
+    inherited: bool = False  # forked workers have it (registered in _inherited)
 
 
 class DatasetSharer:
@@ -264,7 +296,7 @@ class DatasetSharer:
                         entry = None  # written in place (or the flag flipped): a new version
                 if entry is None:
                     entry = _Entry(owner, _fingerprint(raw), writeable, next(self._serial))
-                if materialize and entry.block is None:
+                if materialize and _needs_block(entry):
                     block = self._copy_to_block(raw)
                     if block is None:
                         return True  # /dev/shm is full: in-band
@@ -273,7 +305,7 @@ class DatasetSharer:
             keys.append(key)
             return False
 
-        data, modules = _dump(dataset, callback)
+        data, modules = _dump(dataset, callback, on_retry=keys.clear)
         for key, entry in seen.items():  # the new state replaces the old entries
             old = self._entries.get(key)
             if old is not None and old is not entry:
@@ -305,8 +337,11 @@ class DatasetSharer:
         refs = []
         for key in keys:
             entry = self._entries[key]
-            assert entry.block is not None
-            refs.append(BufferRef(entry.block.name, _nbytes_of(key)))
+            if entry.block is None:
+                assert entry.inherited
+                refs.append(BufferRef("", _nbytes_of(key), key))
+            else:
+                refs.append(BufferRef(entry.block.name, _nbytes_of(key)))
         return SharedPayload(data, tuple(refs), modules)
 
     def _digest(self, data: bytes, keys: list[tuple]) -> bytes:
@@ -341,6 +376,10 @@ class DatasetSharer:
         data, keys, modules = self._pending
         self._pending = None
         if self.inherit:
+            for key in keys:  # before the fork: the workers inherit these owners alive
+                entry = self._entries[key]
+                entry.inherited = True
+                _inherited[key] = entry.owner
             return dataset
         if any(self._entries[k].block is None for k in keys):
             data, keys, modules = self._pickle(dataset, materialize=True)
@@ -364,7 +403,7 @@ class DatasetSharer:
         digest = self._digest(data, keys)
         if digest == self.digest:
             return None, digest
-        if any(self._entries[k].block is None for k in keys):
+        if any(_needs_block(self._entries[k]) for k in keys):
             data, keys, modules = self._pickle(dataset, materialize=True)
         self._live = set(keys)
         return self._payload(data, keys, modules), digest
@@ -393,9 +432,17 @@ class DatasetSharer:
 
     @staticmethod
     def _unlink(entry: _Entry) -> None:
+        if entry.inherited:
+            entry.inherited = False
+            for key in [k for k, v in _inherited.items() if v is entry.owner]:
+                del _inherited[key]
         if entry.block is not None:
             _unlink(entry.block)
             entry.block = None
+
+
+def _needs_block(entry: _Entry) -> bool:
+    return entry.block is None and not entry.inherited
 
 
 def _nbytes_of(key: tuple) -> int:
@@ -483,13 +530,37 @@ class _RecordingPickler(CompatPickler):
         return super().reducer_override(obj)
 
 
-def _dump(obj: Any, buffer_callback: Any) -> tuple[bytes, tuple[str, ...]]:
+def _dump(obj: Any, buffer_callback: Any, on_retry: Any = None) -> tuple[bytes, tuple[str, ...]]:
     """Pickle ``obj`` (buffers through ``buffer_callback``); also return its packages.
+
+    Module-defined Keras datasets go by value (NOTE [ Workers without Keras ]); if that
+    fails, by reference as before.
 
     Raises:
         SerializationError: as :func:`compatmp._serialize.dumps`, with attribute paths.
     """
     by_value = _by_value_modules(obj)
+    attempts = [by_value, []] if by_value else [[]]
+    for k, modules in enumerate(attempts):
+        try:
+            return _dump_once(obj, buffer_callback, modules)
+        except Exception as exc:
+            if k + 1 < len(attempts):
+                if on_retry is not None:
+                    on_retry()  # forget the buffers the failed attempt reported
+                continue  # by value failed (e.g. module state cloudpickle refuses)
+            dumps(obj, root="dataset")  # raises SerializationError naming the culprits
+            raise SerializationError(
+                f"cannot pickle dataset to send it to worker processes: "
+                f"{type(exc).__name__}: {exc}",
+                [],
+            ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _dump_once(
+    obj: Any, buffer_callback: Any, by_value: list[types.ModuleType]
+) -> tuple[bytes, tuple[str, ...]]:
     buf = io.BytesIO()
     with _by_value_lock:
         added = []
@@ -505,17 +576,15 @@ def _dump(obj: Any, buffer_callback: Any) -> tuple[bytes, tuple[str, ...]]:
                 swap_pydataset=keras_pydataset() if by_value else None,
             )
             pickler.dump(obj)
-        except Exception:
-            dumps(obj, root="dataset")  # raises SerializationError naming the culprits
-            raise
         finally:
             for module in added:
                 cloudpickle.unregister_pickle_by_value(module)
+    skip = by_value_names(by_value)
     modules = tuple(
         sorted(
             m
             for m in pickler.modules
-            if m in sys.modules and m not in _NOT_PRELOADED and m not in by_value_names(by_value)
+            if m in sys.modules and m not in _NOT_PRELOADED and m not in skip
         )
     )
     return buf.getvalue(), modules

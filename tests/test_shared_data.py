@@ -66,8 +66,7 @@ def test_changed_big_array_reaches_every_worker_and_unchanged_is_not_resent(meth
         copies.clear()
         assert pool.update_dataset(ds) is True
         blocks = pool._sharer.block_names()
-        if method != "fork":  # fork: the first change puts the inherited array in a block
-            assert copies == []  # the big array was not copied again
+        assert copies == []  # the big array was not copied again (fork: nor put in a block)
         seen = _by_worker(pool, 8)
         assert all(b["value"] == 7.0 for b in next(iter(seen.values()))[:1])
         copies.clear()
@@ -102,6 +101,18 @@ def test_fork_workers_inherit_the_dataset_without_a_block():
         batches = [b for bs in _by_worker(pool, 8).values() for b in bs]
         assert all(b["writeable"] for b in batches)  # the inherited (copy-on-write) array
         assert shm_entries() == []
+        ds.on_epoch_end()  # a small change: the big array is referenced, not sent
+        assert pool.update_dataset(ds) is True
+        assert pool._sharer.block_names() == [] and shm_entries() == []
+        seen = _by_worker(pool, 8)
+        assert len(seen) == 2
+        for batches in seen.values():
+            for b in batches:
+                assert b["writeable"] is False  # a read-only view of its inherited pages
+                assert not (b["file"] or "").startswith("/dev/shm")  # private, not a block
+        assert sorted(b["value"] for bs in seen.values() for b in bs) == [
+            float(v) for v in range(8)
+        ]
 
 
 def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
@@ -224,3 +235,43 @@ def test_bigdata_bench_smoke(capsys):
     out = capsys.readouterr().out
     assert code == 0, out
     assert f"| compatmp-{methods} | 8 | 1 |" in out and "update s" in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "fork"])
+def test_dataset_blocks_are_unlinked_after_a_batch_error_and_on_garbage_collection(method):
+    import gc
+
+    from pool_datasets import RaisingDataset
+
+    ds = RaisingDataset(4, bad=1)
+    ds.big = np.ones(BIG)
+    pool = OrderedPool(ds, workers=1, start_method=method)
+    names = pool._sharer.block_names()
+    assert len(names) == 1 and names[0] in shm_entries()
+    with pytest.raises(Exception, match="bad index 1"):
+        list(pool.imap(range(4)))
+    assert pool.closed and shm_entries() == []
+
+    pool = OrderedPool(BigArrayDataset(), workers=1, start_method=method)
+    assert len(shm_entries()) == 1
+    del pool
+    gc.collect()
+    assert shm_entries() == []
+
+
+def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
+    from compatmp import _shared_data
+
+    calls = []
+
+    def flaky(obj, callback, by_value):
+        calls.append(list(by_value))
+        if by_value:
+            raise TypeError("cannot pickle this module's state")
+        return b"ok", ()
+
+    monkeypatch.setattr(_shared_data, "_by_value_modules", lambda obj: [np])
+    monkeypatch.setattr(_shared_data, "_dump_once", flaky)
+    assert _shared_data._dump(object(), None) == (b"ok", ())
+    assert calls == [[np], []]
