@@ -55,7 +55,14 @@ class OrderedPool:
     the worker's shared-memory block, valid for as long as you hold them (also after
     :meth:`close`). A block is reused once every array viewing it is garbage, so holding many
     batches holds as many blocks in ``/dev/shm``; when that filesystem is nearly full, batches
-    travel through the pipe instead.
+    travel through the pipe instead. Build big batches with :func:`compatmp.empty` and they
+    are born in the block (no copy at all).
+
+    The dataset's own big buffers (>= 1 MiB, ``compatmp._shared_data.SHARE_THRESHOLD``: NumPy
+    arrays and anything else pickle protocol 5 hands out as ``PickleBuffer``) go into shared
+    memory owned by this process once, and every worker maps them read-only (their
+    ``flags.writeable`` is False in the worker); under fork the workers inherit the dataset
+    object. The blocks are unlinked when the pool closes, fails or is garbage collected.
 
     Use as a context manager::
 
