@@ -275,3 +275,29 @@ def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
     monkeypatch.setattr(_shared_data, "_dump_once", flaky)
     assert _shared_data._dump(object(), None) == (b"ok", ())
     assert calls == [[np], []]
+
+
+def test_forkserver_preload_uses_the_modules_noted_while_pickling(monkeypatch):
+    from compatmp import _launch
+
+    def no_walk(data):
+        raise AssertionError("the dataset pickle must not be walked")
+
+    monkeypatch.setattr(_launch, "_pickled_modules", no_walk)
+    sharer = DatasetSharer()
+    ds = BigArrayDataset()
+    sharer.check(ds)
+    try:
+        payload = sharer.start(_shm.block_prefix(os.getpid(), "t002"), ds)
+        assert "numpy" in payload.modules and "shared_data_helpers" in payload.modules
+
+        class Ctx:
+            preload: list[str] = []
+
+            def set_forkserver_preload(self, modules):
+                Ctx.preload = modules
+
+        _launch._forkserver_preload(Ctx(), [payload])
+        assert Ctx.preload[0] == "compatmp._worker" and "numpy" in Ctx.preload
+    finally:
+        sharer.close()
