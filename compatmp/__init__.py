@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._alloc import empty
 from ._exceptions import (
     CompatMPError,
     SerializationError,
@@ -72,6 +73,7 @@ __all__ = [
     "decide_start_method",
     "diagnose",
     "dumps",
+    "empty",
     "evaluate",
     "find_unpicklable",
     "fit",

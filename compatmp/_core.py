@@ -160,8 +160,11 @@ class _Core:
         dataset_payload: Any,
         init_payload: Any,
         base_seed: int,
+        *,
+        sharer: Any = None,
     ) -> None:
         self.method = method
+        self.sharer = sharer  # _shared_data.DatasetSharer: the dataset's blocks (main-owned)
         self.in_process = method != "thread"
         self.num_workers = workers
         self.handles: list[_Handle] = []
@@ -190,6 +193,12 @@ class _Core:
             if os.name != "nt":  # Windows has no resource tracker
                 _shm.ensure_tracker()
             self.shm_prefix = _shm.block_prefix(os.getpid(), secrets.token_hex(2))
+        try:
+            if sharer is not None:  # NOTE [ Shared dataset buffers ] in _shared_data
+                dataset_payload = sharer.start(self.shm_prefix, dataset_payload)
+        except BaseException:
+            self.close("start-up failed")
+            raise
         self._start(dataset_payload, init_payload, base_seed)
 
     # -- start-up ------------------------------------------------------------------------------
@@ -512,6 +521,8 @@ class _Core:
         self.attachments.close()  # arrays the consumer still holds stay valid
         self.leased.clear()
         self.released.clear()
+        if self.sharer is not None:
+            self.sharer.close()  # the dataset's blocks: workers are gone
         if self.shm_prefix is not None:
             _shm.sweep(self.shm_prefix)
 

@@ -271,11 +271,15 @@ def _make_digits_dataset_class() -> type:
                 raise IndexError(f"batch index {index} out of range [0, {len(self)})")
             rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             rng = _worker_rng(self.seed) if self.augment else None
-            images = []
-            for row in rows:
+            from ._alloc import empty
+
+            x = None
+            for k, row in enumerate(rows):
                 image = self._load(self.paths[row])
-                images.append(augment(image, rng) if rng is not None else self.transform(image))
-            x = np.stack(images)[..., None]
+                image = augment(image, rng) if rng is not None else self.transform(image)
+                if x is None:  # born in the worker's shared memory when big enough
+                    x = empty((len(rows), *image.shape, 1), np.float32)
+                x[k, ..., 0] = image
             return x, self.labels[rows]
 
         def on_epoch_end(self) -> None:

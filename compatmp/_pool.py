@@ -9,7 +9,6 @@ NOTE [ Workers do not re-run __main__ ] and NOTE [ Forkserver preload ].
 from __future__ import annotations
 
 import collections
-import hashlib
 import secrets
 import warnings
 import weakref
@@ -27,6 +26,7 @@ from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
 from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
+from ._shared_data import DatasetSharer
 
 __all__ = ["OrderedPool"]
 
@@ -55,7 +55,14 @@ class OrderedPool:
     the worker's shared-memory block, valid for as long as you hold them (also after
     :meth:`close`). A block is reused once every array viewing it is garbage, so holding many
     batches holds as many blocks in ``/dev/shm``; when that filesystem is nearly full, batches
-    travel through the pipe instead.
+    travel through the pipe instead. Build big batches with :func:`compatmp.empty` and they
+    are born in the block (no copy at all).
+
+    The dataset's own big buffers (>= 1 MiB, ``compatmp._shared_data.SHARE_THRESHOLD``: NumPy
+    arrays and anything else pickle protocol 5 hands out as ``PickleBuffer``) go into shared
+    memory owned by this process once, and every worker maps them read-only (their
+    ``flags.writeable`` is False in the worker); under fork the workers inherit the dataset
+    object. The blocks are unlinked when the pool closes, fails or is garbage collected.
 
     Use as a context manager::
 
@@ -121,10 +128,13 @@ class OrderedPool:
         decision = decide_start_method(start_method)
         dataset_payload: Any = dataset
         init_payload: Any = worker_init_fn
-        self._digest: bytes | None = None
+        # NOTE [ Shared dataset buffers ] (compatmp._shared_data): big buffers go to shared
+        # memory once; under fork the workers inherit the object itself.
+        self._sharer: DatasetSharer | None = None
         if decision.uses_processes:
             try:
-                dataset_payload = dumps(dataset, root="dataset")
+                sharer = DatasetSharer(inherit=decision.method == "fork")
+                sharer.check(dataset)
                 if worker_init_fn is not None:
                     init_payload = dumps(worker_init_fn, root="worker_init_fn")
             except SerializationError as exc:
@@ -143,12 +153,17 @@ class OrderedPool:
                 )
                 dataset_payload, init_payload = dataset, worker_init_fn
             else:
-                self._digest = hashlib.blake2b(dataset_payload).digest()
+                self._sharer = sharer
         self._decision = decision
         self._dataset = None if decision.uses_processes else dataset
         self._active: weakref.ref | None = None
         self._core = _Core(
-            decision.method, self._workers, dataset_payload, init_payload, self._seed
+            decision.method,
+            self._workers,
+            dataset_payload,
+            init_payload,
+            self._seed,
+            sharer=self._sharer,
         )
         self._finalizer = weakref.finalize(self, self._core.close, "the pool was garbage collected")
 
@@ -284,7 +299,11 @@ class OrderedPool:
         Call after ``on_epoch_end`` (which may reshuffle). Waits until every worker has the
         new state, so batches requested afterwards see it. Process workers get the pickled
         dataset, and nothing is sent when the pickle is byte-identical to the last one sent;
-        worker threads share the object, so nothing is sent when it is the same object.
+        big buffers (>= 1 MiB, e.g. NumPy arrays) live in shared memory and are only sent
+        again when they changed, recognised by identity and a sampled fingerprint, not by
+        hashing them (NOTE [ Shared dataset buffers ] in ``compatmp._shared_data``: assign a
+        new array, or keep big arrays read-only, to be sure a small in-place write is seen).
+        Worker threads share the object, so nothing is sent when it is the same object.
 
         Args:
             dataset (object): the dataset, usually the same object mutated in place.
@@ -300,10 +319,10 @@ class OrderedPool:
         """
         self._check_open()
         _check_dataset(dataset)
-        if self._decision.uses_processes:
-            payload: Any = dumps(dataset, root="dataset")
-            digest = hashlib.blake2b(payload).digest()
-            if digest == self._digest:
+        digest: bytes | None = None
+        if self._sharer is not None:
+            payload, digest = self._sharer.update(dataset)
+            if payload is None:
                 return False
         else:
             if dataset is self._dataset:
@@ -314,7 +333,8 @@ class OrderedPool:
         except BaseException as exc:
             self._core.close(f"it was shut down after {type(exc).__name__}")
             raise
-        self._digest = digest
-        if not self._decision.uses_processes:
+        if self._sharer is not None and digest is not None:
+            self._sharer.commit(digest)
+        else:
             self._dataset = dataset
         return True

@@ -232,6 +232,8 @@ class BlockPool:
         self.free: collections.deque[SharedMemory] = collections.deque()
         self.in_use: dict[Any, list[SharedMemory]] = {}
         self.dropped: list[str] = []  # unlinked since the last take_dropped()
+        # compatmp.empty(): data address -> block handed out for the batch being computed
+        self.allocated: dict[int, SharedMemory] = {}
 
     def _wants(self, obj: Any) -> bool:
         return (
@@ -255,6 +257,32 @@ class BlockPool:
             except FileExistsError:  # pragma: no cover - 2**32 tokens; draw another
                 continue
 
+    def allocate(self, shape: tuple[int, ...], dtype: Any, order: str = "C") -> np.ndarray:
+        """An array whose memory is a block, for :func:`compatmp.empty` (no copy in encode).
+
+        The block is this batch's: :meth:`encode` sends it as it is when the batch holds the
+        whole array, and takes it back (for reuse) when the batch does not.
+
+        Args:
+            shape (tuple[int, ...]): the array's shape.
+            dtype (numpy.dtype): its dtype (no object dtype).
+            order (str): ``"C"`` or ``"F"``.
+
+        Returns:
+            numpy.ndarray: uninitialized, writable, viewing the block.
+        """
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        shm = self._block(nbytes)
+        arr = np.ndarray(shape, dtype=dt, buffer=shm.buf, order=order)
+        self.allocated[arr.__array_interface__["data"][0]] = shm
+        return arr
+
+    def _reclaim(self) -> None:
+        """Blocks from :meth:`allocate` that no batch took go back to the free list."""
+        self.free.extend(self.allocated.values())
+        self.allocated.clear()
+
     def encode(self, batch: Any, key: Any) -> Any:
         """Move the big arrays of ``batch`` into blocks held under ``key`` until released.
 
@@ -271,6 +299,12 @@ class BlockPool:
             OSError: a block could not be created; blocks taken for this batch go back to the
                 free list first (also on any other exception).
         """
+        try:
+            return self._encode(batch, key)
+        finally:
+            self._reclaim()
+
+    def _encode(self, batch: Any, key: Any) -> Any:
         big = []
         _walk(batch, lambda x: big.append(x.nbytes) if self._wants(x) else None)
         if not big:
@@ -285,6 +319,12 @@ class BlockPool:
             if not self._wants(x):
                 return x
             order = "F" if x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+            shm = self.allocated.pop(x.__array_interface__["data"][0], None)
+            if shm is not None and (x.flags.c_contiguous or x.flags.f_contiguous):
+                taken.append(shm)  # made by compatmp.empty(): already in its block
+                return ShmArray(shm.name, tuple(x.shape), x.dtype, order)
+            if shm is not None:
+                self.allocated[x.__array_interface__["data"][0]] = shm  # a strided view
             shm = self._block(x.nbytes)
             taken.append(shm)
             dst = np.ndarray(x.shape, dtype=x.dtype, buffer=shm.buf, order=order)
@@ -327,6 +367,8 @@ class BlockPool:
     def close(self) -> None:
         """Unlink every block, free or in use (the worker is exiting)."""
         blocks = list(self.free) + [b for bs in self.in_use.values() for b in bs]
+        blocks += self.allocated.values()
+        self.allocated.clear()
         self.free.clear()
         self.in_use.clear()
         for shm in blocks:
@@ -334,7 +376,10 @@ class BlockPool:
 
 
 def _unlink(shm: SharedMemory) -> None:
-    shm.close()
+    try:
+        shm.close()
+    except BufferError:  # an array from compatmp.empty() the dataset kept still views it
+        pass  # the mapping goes when that array does
     try:
         shm.unlink()
     except FileNotFoundError:

@@ -21,8 +21,10 @@ What stays the same: every method the user wrote, the instance's attributes, ``s
 calls into the base. What differs in the worker: ``isinstance(self, keras.utils.PyDataset)``
 is False there. Code that needs Keras in the worker still gets it: a method that uses the
 ``keras`` module makes cloudpickle send that module by name, and the worker imports it.
-Classes pickled by reference (defined in an importable module) are untouched: importing
-their module imports Keras anyway. The main process never sees the stand-in: Keras gets the
+Classes defined in an importable module would be pickled by reference (the worker imports
+their module, hence Keras); for the pool's dataset pickle, compatmp sends such a module by
+value instead, so the same stand-in applies (NOTE [ Workers without Keras ] in
+:mod:`compatmp._shared_data`). The main process never sees the stand-in: Keras gets the
 user's own object.
 
 Measured (this 2-core machine, TensorFlow imported in the parent, a ``PyDataset`` subclass

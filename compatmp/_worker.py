@@ -124,6 +124,7 @@ class WorkerInfo:
 
 
 _process_info: WorkerInfo | None = None  # set once in a worker process
+_process_blocks: _shm.BlockPool | None = None  # this worker process's batch blocks
 _thread_info = threading.local()  # set in each worker thread
 
 
@@ -460,6 +461,11 @@ def _materialize(obj: Any, in_process: bool) -> Any:
         from ._serialize import loads
 
         return loads(obj)
+    if in_process and type(obj).__name__ == "SharedPayload":
+        from ._shared_data import SharedPayload
+
+        if isinstance(obj, SharedPayload):  # NOTE [ Shared dataset buffers ] in _shared_data
+            return obj.load()
     return obj
 
 
@@ -489,6 +495,9 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
     blocks = None
     if config.shm_prefix is not None:
         blocks = _shm.BlockPool(config.shm_prefix, config.shm_threshold)
+    if config.in_process:
+        global _process_blocks
+        _process_blocks = blocks  # for compatmp.empty() (compatmp._alloc)
     try:
         try:
             dataset = _materialize(config.dataset, config.in_process)

@@ -27,6 +27,7 @@ PUBLIC = {
     "decide_start_method",
     "diagnose",
     "dumps",
+    "empty",
     "evaluate",
     "find_unpicklable",
     "fit",

@@ -167,7 +167,12 @@ def _parser() -> argparse.ArgumentParser:
             "configuration runs in a fresh process; prints a Markdown table."
         ),
     )
-    p.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    p.add_argument(
+        "--workload",
+        choices=[*WORKLOADS, "bigdata", "all"],
+        default="all",
+        help="bigdata has its own options: --workload bigdata --help (all: the others)",
+    )
     p.add_argument("--workers", type=_positive_int, default=2, help="workers per loader (2)")
     p.add_argument(
         "--repeats",
@@ -244,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from .. import available_methods
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "bigdata" in argv and ("--workload" in argv or "--workload=bigdata" in argv):
+        from .bigdata import main as bigdata_main  # its own options: --workload bigdata --help
+
+        return bigdata_main(argv)
     args = _parser().parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in sections if s not in SECTIONS]

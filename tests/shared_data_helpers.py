@@ -1,0 +1,62 @@
+"""Datasets for the shared-dataset tests (module level: spawn workers import them)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import compatmp
+from compatmp._worker import get_worker_info
+
+BIG = 600_000  # float64 elements: 4.8 MB, above compatmp._shared_data.SHARE_THRESHOLD
+
+
+def _backing_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process (Linux ``/proc/self/maps``), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(v, 16) for v in parts[0].split("-"))
+                if lo <= address < hi:
+                    return parts[5] if len(parts) > 5 else ""
+    except OSError:
+        return None
+    return None
+
+
+class BigArrayDataset:
+    """Holds one big array and a small permutation; batches report what the worker sees."""
+
+    def __init__(self, n_batches: int = 8) -> None:
+        self.x = np.arange(BIG, dtype=np.float64)
+        self.order = np.arange(n_batches)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> dict:
+        info = get_worker_info()
+        return {
+            "worker": info.id if info is not None else None,
+            "pid": os.getpid(),
+            "value": float(self.x[self.order[i]]),
+            "writeable": bool(self.x.flags.writeable),
+            "file": _backing_file(self.x.__array_interface__["data"][0]),
+        }
+
+    def on_epoch_end(self) -> None:
+        self.order = self.order[::-1].copy()
+
+
+class EmptyBatchDataset:
+    """Batches built in ``compatmp.empty`` arrays (19 MB-like, scaled down to 1 MB)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        x = compatmp.empty((32, 64, 64, 2), np.float32)
+        x[...] = i
+        return x, np.full(3, i)

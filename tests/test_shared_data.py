@@ -1,0 +1,303 @@
+"""Big dataset buffers shared by all workers (issue 11): NOTE [ Shared dataset buffers ]."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from pool_datasets import PROCESS_METHODS, shm_entries
+from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset
+
+import compatmp
+from compatmp import _shm
+from compatmp._pool import OrderedPool
+from compatmp._shared_data import DatasetSharer
+
+pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+LINUX = sys.platform.startswith("linux")
+
+
+def _by_worker(pool: OrderedPool, n: int) -> dict[int, list[dict]]:
+    seen: dict[int, list[dict]] = {}
+    for batch in pool.imap(range(n)):
+        seen.setdefault(batch["worker"], []).append(batch)
+    return seen
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "fork"])
+def test_workers_see_read_only_views_of_one_shared_block(method):
+    ds = BigArrayDataset()
+    with OrderedPool(ds, workers=2, start_method=method) as pool:
+        names = pool._sharer.block_names()
+        assert len(names) == 1  # the 4.8 MB array; the 64-byte permutation stays in the pickle
+        assert names[0].startswith(pool._core.shm_prefix)  # the pool's sweep finds it
+        seen = _by_worker(pool, 8)
+        assert len(seen) == 2
+        for batches in seen.values():
+            for b in batches:
+                assert b["writeable"] is False  # read-only view, not a private copy
+                if LINUX:  # the array's memory is the block itself, in every worker
+                    assert b["file"] == f"/dev/shm/{names[0]}"
+        assert ds.x.flags.writeable  # the main process's array is untouched
+    assert shm_entries() == []  # unlinked on close
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_changed_big_array_reaches_every_worker_and_unchanged_is_not_resent(method, monkeypatch):
+    ds = BigArrayDataset()
+    copies = []
+    original = DatasetSharer._copy_to_block
+    monkeypatch.setattr(
+        DatasetSharer,
+        "_copy_to_block",
+        lambda self, raw: copies.append(raw.nbytes) or original(self, raw),
+    )
+    with OrderedPool(ds, workers=2, start_method=method) as pool:
+        _by_worker(pool, 8)
+        assert pool.update_dataset(ds) is False  # nothing changed: nothing sent
+        ds.on_epoch_end()  # small change only
+        copies.clear()
+        assert pool.update_dataset(ds) is True
+        blocks = pool._sharer.block_names()
+        assert copies == []  # the big array was not copied again (fork: nor put in a block)
+        seen = _by_worker(pool, 8)
+        assert all(b["value"] == 7.0 for b in next(iter(seen.values()))[:1])
+        copies.clear()
+        ds.on_epoch_end()
+        assert pool.update_dataset(ds) is True
+        assert copies == [] and pool._sharer.block_names() == blocks  # same block, not re-sent
+
+        ds.x = ds.x + 1000  # a new array: sent once, reaches every worker
+        assert pool.update_dataset(ds) is True
+        assert copies == [BIG * 8]
+        seen = _by_worker(pool, 8)
+        assert len(seen) == 2
+        for batches in seen.values():
+            assert all(b["value"] >= 1000 for b in batches)
+        assert pool._sharer.block_names() != blocks
+        if LINUX:  # the replaced block is gone already
+            assert not set(blocks) & set(os.listdir("/dev/shm"))
+
+        ds.x *= 2  # an in-place write over the whole array is seen (sampled fingerprint)
+        assert pool.update_dataset(ds) is True
+        for batches in _by_worker(pool, 8).values():
+            assert all(b["value"] >= 2000 for b in batches)
+
+
+@pytest.mark.timeout(60)
+def test_fork_workers_inherit_the_dataset_without_a_block():
+    if "fork" not in PROCESS_METHODS:
+        pytest.skip("no fork here")
+    ds = BigArrayDataset()
+    with OrderedPool(ds, workers=2, start_method="fork") as pool:
+        assert pool._sharer.block_names() == []
+        batches = [b for bs in _by_worker(pool, 8).values() for b in bs]
+        assert all(b["writeable"] for b in batches)  # the inherited (copy-on-write) array
+        assert shm_entries() == []
+        ds.on_epoch_end()  # a small change: the big array is referenced, not sent
+        assert pool.update_dataset(ds) is True
+        assert pool._sharer.block_names() == [] and shm_entries() == []
+        seen = _by_worker(pool, 8)
+        assert len(seen) == 2
+        for batches in seen.values():
+            for b in batches:
+                assert b["writeable"] is False  # a read-only view of its inherited pages
+                assert not (b["file"] or "").startswith("/dev/shm")  # private, not a block
+        assert sorted(b["value"] for bs in seen.values() for b in bs) == [
+            float(v) for v in range(8)
+        ]
+
+
+def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
+    sharer = DatasetSharer()
+    small = {"a": np.arange(10), "big": np.ones(BIG)}
+    sharer.check(small)
+    sharer.prefix = _shm.block_prefix(os.getpid(), "t000")
+    try:
+        payload = sharer.start(sharer.prefix, small)
+        assert len(payload.buffers) == 1 and payload.buffers[0].nbytes == BIG * 8
+        assert "numpy" in payload.modules
+        back = payload.load()
+        assert back["big"].flags.writeable is False and back["a"].flags.writeable
+        np.testing.assert_array_equal(back["big"], small["big"])
+    finally:
+        sharer.close()
+    assert shm_entries() == []
+
+
+def test_read_only_array_is_trusted_without_fingerprint(monkeypatch):
+    from compatmp import _shared_data
+
+    x = np.ones(BIG)
+    x.setflags(write=False)
+    sharer = DatasetSharer()
+    sharer.check([x])
+    calls = []
+    monkeypatch.setattr(_shared_data, "_fingerprint", lambda raw: calls.append(1) or b"")
+    payload, _ = sharer.update([x])
+    assert payload is None and calls == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", [*PROCESS_METHODS, "thread"])
+def test_empty_batches_arrive_intact(method):
+    with OrderedPool(EmptyBatchDataset(), workers=2, start_method=method) as pool:
+        for i, (x, y) in enumerate(pool.imap(range(6))):
+            assert x.shape == (32, 64, 64, 2) and x.dtype == np.float32
+            assert (x == i).all() and (y == i).all()
+
+
+def test_empty_outside_workers_is_numpy_empty():
+    a = compatmp.empty((3, 4), np.float32, order="F")
+    assert type(a) is np.ndarray and a.shape == (3, 4) and a.flags.f_contiguous
+    assert compatmp.empty(5).dtype == np.float64
+    with pytest.raises(ValueError, match="order must be"):
+        compatmp.empty(3, order="K")
+    with pytest.raises(ValueError, match="negative"):
+        compatmp.empty((-1, 2))
+
+
+def test_block_pool_sends_an_allocated_array_without_copying():
+    blocks = _shm.BlockPool(_shm.block_prefix(os.getpid(), "t001"), threshold=1024)
+    try:
+        x = blocks.allocate((256, 4), np.float64)
+        x[...] = 7
+        address = x.__array_interface__["data"][0]
+        encoded = blocks.encode((x, 1), key=0)
+        (shm,) = blocks.in_use[0]
+        assert encoded[0].name == shm.name
+        view = np.ndarray((256, 4), np.float64, buffer=shm.buf)
+        assert view.__array_interface__["data"][0] == address and (view == 7).all()
+        del view, x
+        unused = blocks.allocate((512,), np.float64)  # not returned in the batch
+        blocks.encode(np.zeros(3), key=1)
+        assert blocks.allocated == {} and len(blocks.free) == 1  # taken back for reuse
+        del unused
+    finally:
+        blocks.close()
+    assert shm_entries() == []
+
+
+SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    sys.path.insert(0, {tests!r})
+    import tensorflow  # the parent initialised TensorFlow, as a training script does
+    import compatmp
+    from lazy_keras_datasets import (
+        KerasUsingSequence, NumpyOnlyPyDataset, NumpyOnlyTfSequence)
+    warnings.simplefilter("ignore")
+    for cls in (NumpyOnlyPyDataset, NumpyOnlyTfSequence):
+        with compatmp.OrderedPool(cls(), workers=1, start_method="spawn") as pool:
+            batches = list(pool.imap(range(4)))
+        assert [float(b[0][0]) for b in batches] == [0.0, 3.0, 6.0, 9.0], batches
+        assert all(b[1] == (False, False) for b in batches), (cls, batches)
+    with compatmp.OrderedPool(KerasUsingSequence(), workers=1, start_method="spawn") as pool:
+        batches = list(pool.imap(range(3)))
+    assert [b[0].tolist() for b in batches] == [[0, 0], [1, 1], [2, 2]], batches
+    assert [b[1].tolist() for b in batches] == [[0, 0], [1, 1], [2, 2]], batches
+    print("OK")
+    """
+)
+
+
+@pytest.mark.timeout(300)
+def test_module_defined_keras_datasets_under_spawn():
+    pytest.importorskip("keras")
+    pytest.importorskip("tensorflow")
+    if "spawn" not in PROCESS_METHODS:
+        pytest.skip("no spawn here")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", SPAWN_SCRIPT.format(tests=tests)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.timeout(300)
+def test_bigdata_bench_smoke(capsys):
+    from compatmp.bench import cli
+
+    methods = "spawn" if "spawn" in PROCESS_METHODS else PROCESS_METHODS[0]
+    code = cli.main(
+        ["--workload", "bigdata", "--megabytes", "8", "--workers", "1", "--methods", methods]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"| compatmp-{methods} | 8 | 1 |" in out and "update s" in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "fork"])
+def test_dataset_blocks_are_unlinked_after_a_batch_error_and_on_garbage_collection(method):
+    import gc
+
+    from pool_datasets import RaisingDataset
+
+    ds = RaisingDataset(4, bad=1)
+    ds.big = np.ones(BIG)
+    pool = OrderedPool(ds, workers=1, start_method=method)
+    names = pool._sharer.block_names()
+    assert len(names) == 1 and names[0] in shm_entries()
+    with pytest.raises(Exception, match="bad index 1"):
+        list(pool.imap(range(4)))
+    assert pool.closed and shm_entries() == []
+
+    pool = OrderedPool(BigArrayDataset(), workers=1, start_method=method)
+    assert len(shm_entries()) == 1
+    del pool
+    gc.collect()
+    assert shm_entries() == []
+
+
+def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
+    from compatmp import _shared_data
+
+    calls = []
+
+    def flaky(obj, callback, by_value):
+        calls.append(list(by_value))
+        if by_value:
+            raise TypeError("cannot pickle this module's state")
+        return b"ok", ()
+
+    monkeypatch.setattr(_shared_data, "_by_value_modules", lambda obj: [np])
+    monkeypatch.setattr(_shared_data, "_dump_once", flaky)
+    assert _shared_data._dump(object(), None) == (b"ok", ())
+    assert calls == [[np], []]
+
+
+def test_forkserver_preload_uses_the_modules_noted_while_pickling(monkeypatch):
+    from compatmp import _launch
+
+    def no_walk(data):
+        raise AssertionError("the dataset pickle must not be walked")
+
+    monkeypatch.setattr(_launch, "_pickled_modules", no_walk)
+    sharer = DatasetSharer()
+    ds = BigArrayDataset()
+    sharer.check(ds)
+    try:
+        payload = sharer.start(_shm.block_prefix(os.getpid(), "t002"), ds)
+        assert "numpy" in payload.modules and "shared_data_helpers" in payload.modules
+
+        class Ctx:
+            preload: list[str] = []
+
+            def set_forkserver_preload(self, modules):
+                Ctx.preload = modules
+
+        _launch._forkserver_preload(Ctx(), [payload])
+        assert Ctx.preload[0] == "compatmp._worker" and "numpy" in Ctx.preload
+    finally:
+        sharer.close()
