@@ -73,7 +73,9 @@ class OrderedPool:
             (one :class:`ThreadFallbackWarning`).
         workers (int): number of workers, >= 1.
         start_method (str): ``"auto"`` (default), ``"fork"``, ``"forkserver"``, ``"spawn"`` or
-            ``"thread"``; see :func:`compatmp.decide_start_method`.
+            ``"thread"``; see :func:`compatmp.decide_start_method`. ``"ray"``: Ray actors as
+            workers, on this machine or a cluster (batch arrays are then read-only); see
+            :mod:`compatmp._ray` and the README.
         max_queue_size (int): most batches dispatched but not yet yielded (default: 10).
         timeout (float | None): seconds to wait for the next batch in order before
             :class:`WorkerTimeoutError` (default: None, no limit). The clock starts when the

@@ -271,10 +271,11 @@ class _WorkerActor:
 
     def step(self, msg: tuple) -> list[tuple]:
         """Handle one protocol message; returns what the loop sent (see NOTE [ Ray workers ])."""
-        if msg[0] == _worker.DATASET and not isinstance(msg[2], bytes | type(None)):
+        if msg[0] == _worker.DATASET:
             import ray
 
-            msg = (msg[0], msg[1], ray.get(msg[2]))  # an ObjectRef: one put for all actors
+            if isinstance(msg[2], ray.ObjectRef):  # one put for all actors (RayChannel.send)
+                msg = (msg[0], msg[1], ray.get(msg[2]))
         return self.channel.exchange(msg, self.thread.is_alive)
 
 
