@@ -31,7 +31,10 @@ has yielded the batch and the consumer dropped it.
 Failure: ``ray.get`` of a reply raises ``RayActorError`` when the actor died (``os._exit``,
 Ray's out-of-memory killer, its node lost) or ``ObjectLostError`` when the node holding the
 reply is gone; either marks the worker dead and the pool raises ``WorkerCrashedError`` naming
-the index, as for a process. An actor that cannot be placed (the cluster lacks the resources
+the index, as for a process. The index named is the oldest one the actor had not delivered:
+the batch it was computing, or one it finished just before dying (Ray sends a reply from a
+background thread, so ``os._exit`` right after a batch can lose that reply; a pipe write
+cannot be lost that way). An actor that cannot be placed (the cluster lacks the resources
 it asks for) is reported as crashed after :data:`ACTOR_START_TIMEOUT`. Actors are created with
 ``max_restarts=0``: a restarted actor would have lost the dataset and the batch it held.
 

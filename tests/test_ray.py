@@ -167,10 +167,15 @@ def test_ray_failures_crash_error_and_timeout():
     with OrderedPool(ExitDataset(20, bad=5), workers=2, start_method="ray") as pool:
         list(pool.imap(range(2)))  # both actors ready: the clock below measures detection
         started = time.monotonic()
-        with pytest.raises(WorkerCrashedError, match="index 5") as info:
-            list(pool.imap(range(20)))
+        got = []
+        with pytest.raises(WorkerCrashedError, match="index") as info:
+            for batch in pool.imap(range(20)):
+                got.append(batch)
         assert time.monotonic() - started < 30
-        assert info.value.index == 5
+        # The index the dead actor held that never arrived: 5 itself, or (Ray sends replies
+        # asynchronously, NOTE [ Ray workers ]) a batch it finished just before os._exit.
+        assert len(got) <= info.value.index <= 5
+        assert f"index {info.value.index}" in str(info.value)
         assert "Ray actor" in str(info.value)
         assert pool.closed
     assert not _ray_initialized()
