@@ -112,7 +112,7 @@ def test_bad_actor_options_are_refused(monkeypatch):
 @pytest.mark.usefixtures("no_leaked_workers")
 @pytest.mark.ray
 @requires_ray
-def test_ray_pool_orders_updates_seeds_and_shuts_ray_down():
+def test_ray_pool_orders_updates_seeds_and_shuts_ray_down(monkeypatch):
     assert not _ray_initialized(), "this test needs a process where Ray is not initialised"
     dataset = LockLambdaDataset(24)
     serial = [dataset[i] for i in range(24)]
@@ -140,10 +140,11 @@ def test_ray_pool_orders_updates_seeds_and_shuts_ray_down():
         assert {b["worker"] for b in got} == {0, 1}
     assert not _ray_initialized()  # compatmp started it, so close() shut it down
 
-    # seed, worker_init_fn, get_worker_info: as in worker processes.
-    with OrderedPool(
-        InfoDataset(), workers=2, start_method="ray", seed=5, worker_init_fn=record_init
-    ) as pool:
+    # seed, worker_init_fn, get_worker_info: as in worker processes. Ray chosen by the
+    # environment variable this time.
+    monkeypatch.setenv("COMPATMP_START_METHOD", "ray")
+    with OrderedPool(InfoDataset(), workers=2, seed=5, worker_init_fn=record_init) as pool:
+        assert pool.decision.method == "ray"
         rows = list(pool.imap(range(40)))
     for info, _random, _np_random, _pid, init in rows:
         assert info.num_workers == 2
@@ -157,7 +158,7 @@ def test_ray_pool_orders_updates_seeds_and_shuts_ray_down():
 @pytest.mark.usefixtures("no_leaked_workers")
 @pytest.mark.ray
 @requires_ray
-def test_ray_failures_crash_error_and_timeout():
+def test_ray_failures_crash_error_and_timeout(monkeypatch):
     # A batch error comes back with its own type, and the pool shuts down.
     with OrderedPool(RaisingDataset(8, bad=3), workers=2, start_method="ray") as pool:
         with pytest.raises(ValueError, match="bad index 3"):
@@ -187,6 +188,15 @@ def test_ray_failures_crash_error_and_timeout():
     ) as pool:
         with pytest.raises(compatmp.WorkerTimeoutError, match="index 2"):
             list(pool.imap(range(6)))
+    assert not _ray_initialized()
+    # An actor Ray cannot place (a resource no node has) is reported, never waited for.
+    from compatmp import _ray
+
+    monkeypatch.setattr(_ray, "ACTOR_START_TIMEOUT", 5.0)
+    monkeypatch.setenv(_ray.ACTOR_OPTIONS_ENV_VAR, '{"resources": {"no_such_node": 1}}')
+    with OrderedPool(StateDataset(4), workers=1, start_method="ray") as pool:
+        with pytest.raises(WorkerCrashedError, match="did not start within 5 s"):
+            list(pool.imap(range(4)))
     assert not _ray_initialized()
 
 
