@@ -189,7 +189,7 @@ class _Core:
         # thread's current wait to end (<= MAIN_POLL_INTERVAL) instead of racing on the pipes.
         self.io_lock = threading.RLock()
         _live_cores.add(self)
-        if self.in_process:
+        if self.in_process and method != "ray":  # Ray: batches through its object store
             if os.name != "nt":  # Windows has no resource tracker
                 _shm.ensure_tracker()
             self.shm_prefix = _shm.block_prefix(os.getpid(), secrets.token_hex(2))
@@ -219,7 +219,11 @@ class _Core:
     def _start(self, dataset: Any, init_fn: Any, base_seed: int) -> None:
         configs = [self._config(i, dataset, init_fn, base_seed) for i in range(self.num_workers)]
         try:
-            if self.in_process:
+            if self.method == "ray":  # NOTE [ Ray workers ] in compatmp._ray
+                from . import _ray
+
+                _ray.start_actors(configs, self.handles)
+            elif self.in_process:
                 start_processes(self.method, configs, self.handles)
             else:
                 start_threads(configs, self.cond, self.handles)
@@ -277,6 +281,10 @@ class _Core:
     def _wait(self, timeout: float) -> tuple[list[_Handle], list[_Handle]]:
         """Wait for messages; returns (handles with messages, handles that died)."""
         live = [h for h in self.handles if not h.stopping]
+        if self.method == "ray":
+            from . import _ray
+
+            return _ray.wait(live, timeout)
         if self.in_process:
             waitables: dict[Any, tuple[_Handle, bool]] = {}
             for h in live:
@@ -398,8 +406,11 @@ class _Core:
             else:
                 holding = "while idle (holding no batch)"
             who = f"worker {h.id} (pid {h.pid})" if h.pid is not None else f"worker thread {h.id}"
+            how = _describe_exit(code)
+            if hasattr(h, "describe_death"):  # a Ray actor (compatmp._ray)
+                who, how = h.describe_death()
             raise WorkerCrashedError(
-                f"compatmp {who} {_describe_exit(code)} {holding}. The pool has been shut "
+                f"compatmp {who} {how} {holding}. The pool has been shut "
                 "down; create a new one to continue. If dataset[i] crashes in native code or "
                 "runs out of memory, try it in the main process (workers=1, "
                 "start_method='thread') to see the error.",
@@ -507,6 +518,11 @@ class _Core:
             except Exception:
                 pass
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
+        if self.method == "ray":  # kill the actors, free their objects, release Ray
+            from . import _ray
+
+            _ray.shutdown(self.handles)
+            return
         if self.in_process:
             self._join_processes(deadline)
         else:

@@ -9,7 +9,8 @@ NOTE [ Start-method decision ]
 The first matching row wins:
 
 1. ``start_method=`` argument, else the ``COMPATMP_START_METHOD`` environment variable: used
-   if available here, otherwise :class:`StartMethodError` lists what is.
+   if available here, otherwise :class:`StartMethodError` lists what is. ``"ray"`` (Ray
+   actors, :mod:`compatmp._ray`) is only ever used this way, when Ray is installed.
 2. Free-threaded CPython with the GIL disabled (PEP 703, ``sys._is_gil_enabled()``):
    threads run Python code in parallel and share the dataset without pickling.
 3. Frozen executable (``sys.frozen``, PyInstaller/cx_Freeze): a spawned child re-runs the
@@ -38,6 +39,7 @@ Python-level threads (``threading.active_count()``) give a floor that BLAS can n
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import sys
@@ -49,6 +51,7 @@ from ._exceptions import StartMethodError
 
 __all__ = [
     "ENV_VAR",
+    "EXPLICIT_METHODS",
     "METHODS",
     "Decision",
     "PlatformFacts",
@@ -62,6 +65,10 @@ ENV_VAR = "COMPATMP_START_METHOD"
 
 # Every method compatmp knows, cheapest first. "thread" is always available.
 METHODS = ("fork", "forkserver", "spawn", "thread")
+
+# Methods used only when asked for by name (argument or COMPATMP_START_METHOD), never by
+# "auto": "ray" runs the workers as Ray actors, possibly on other machines (compatmp._ray).
+EXPLICIT_METHODS = ("ray",)
 
 # threadpoolctl ``internal_api`` names whose worker threads start when the library loads and
 # park across fork() in a pthread_atfork handler.
@@ -217,7 +224,8 @@ class Decision:
     """How compatmp will run dataset code, and why.
 
     Attributes:
-        method (str): ``"fork"``, ``"forkserver"``, ``"spawn"`` or ``"thread"``.
+        method (str): ``"fork"``, ``"forkserver"``, ``"spawn"``, ``"thread"``, or ``"ray"``
+            (only when requested by name).
         reason (str): one sentence naming the fact that decided it.
         facts (PlatformFacts | None): the facts the decision was made from.
     """
@@ -228,14 +236,23 @@ class Decision:
 
     @property
     def uses_processes(self) -> bool:
-        """True for fork, forkserver and spawn; False for threads."""
+        """True for fork, forkserver, spawn and ray; False for threads."""
         return self.method != "thread"
 
 
 def _validate_requested(requested: object, source: str, facts: PlatformFacts) -> str:
+    if requested in EXPLICIT_METHODS:
+        if importlib.util.find_spec("ray") is None:
+            raise StartMethodError(
+                f"{source}={requested!r} needs Ray, which is not installed: install it with "
+                "`pip install 'compatmp[ray]'` (or `pip install 'ray>=2.9'`), or choose "
+                f"another start method: {['auto', *METHODS]}."
+            )
+        return requested
     if not isinstance(requested, str) or requested not in (*METHODS, "auto"):
         raise StartMethodError(
-            f"{source} must be one of {['auto', *METHODS]}, got {requested!r}. "
+            f"{source} must be one of {['auto', *METHODS, *EXPLICIT_METHODS]}, "
+            f"got {requested!r}. "
             f"Available on this platform ({facts.os}): {[*facts.available_methods, 'thread']}."
         )
     if requested not in ("auto", "thread") and requested not in facts.available_methods:
@@ -262,7 +279,8 @@ def decide_start_method(requested: str = "auto", *, facts: PlatformFacts | None 
 
     Args:
         requested (str): ``"auto"`` (default) to decide from the facts, or one of ``"fork"``,
-            ``"forkserver"``, ``"spawn"``, ``"thread"`` to force it. With ``"auto"``, the
+            ``"forkserver"``, ``"spawn"``, ``"thread"``, ``"ray"`` to force it (``"ray"``: Ray
+            actors as workers, never chosen by ``"auto"``). With ``"auto"``, the
             ``COMPATMP_START_METHOD`` environment variable, when set, is used instead.
         facts (PlatformFacts | None): the facts to decide from (default: None, meaning
             :meth:`PlatformFacts.current`).

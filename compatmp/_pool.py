@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import secrets
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,7 @@ from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
 from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
-from ._shared_data import DatasetSharer
+from ._shared_data import SHARE_THRESHOLD, DatasetSharer
 
 __all__ = ["OrderedPool"]
 
@@ -80,7 +81,9 @@ class OrderedPool:
             (one :class:`ThreadFallbackWarning`).
         workers (int): number of workers, >= 1.
         start_method (str): ``"auto"`` (default), ``"fork"``, ``"forkserver"``, ``"spawn"`` or
-            ``"thread"``; see :func:`compatmp.decide_start_method`.
+            ``"thread"``; see :func:`compatmp.decide_start_method`. ``"ray"``: Ray actors as
+            workers, on this machine or a cluster (batch arrays are then read-only); see
+            :mod:`compatmp._ray` and the README.
         max_queue_size (int): most batches dispatched but not yet yielded (default: 10).
         timeout (float | None): seconds to wait for the next batch in order before
             :class:`WorkerTimeoutError` (default: None, no limit). The clock starts when the
@@ -133,7 +136,11 @@ class OrderedPool:
         self._sharer: DatasetSharer | None = None
         if decision.uses_processes:
             try:
-                sharer = DatasetSharer(inherit=decision.method == "fork")
+                # Ray actors may run on other machines, which cannot map this one's shared
+                # memory: every buffer stays in the pickle, which Ray's object store holds
+                # once per node for all actors there (NOTE [ Ray workers ] in _ray).
+                threshold = sys.maxsize if decision.method == "ray" else SHARE_THRESHOLD
+                sharer = DatasetSharer(threshold, inherit=decision.method == "fork")
                 sharer.check(dataset)
                 if worker_init_fn is not None:
                     init_payload = dumps(worker_init_fn, root="worker_init_fn")

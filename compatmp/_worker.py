@@ -417,7 +417,8 @@ class WorkerConfig:
             mode), or None.
         in_process (bool): True for worker processes: exceptions are pickled, globals seeded,
             SIGINT ignored, the parent watched.
-        main_pid (int): process id of the main process (for the watchdog).
+        main_pid (int): process id of the main process (for the watchdog); 0: nothing to
+            watch (Ray actors: Ray ends an actor whose owner is gone).
         shm_prefix (str | None): block name prefix; None disables shared memory.
         shm_threshold (int): arrays of at least this many bytes use shared memory.
     """
@@ -479,7 +480,9 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
         config (WorkerConfig): the worker's settings and dataset.
     """
     global _process_info
-    if config.in_process:
+    # Signal handlers need the main thread; a Ray actor runs this loop in a thread of its own
+    # and Ray handles the actor process's signals (NOTE [ Ray workers ] in compatmp._ray).
+    if config.in_process and threading.current_thread() is threading.main_thread():
         # NOTE [ Workers never hang ]: Ctrl-C is for the main process; SIGTERM unwinds.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if hasattr(signal, "pthread_sigmask"):  # born blocked (_launch._sigint_blocked)
@@ -531,7 +534,7 @@ def _send(channel: Channel, msg: tuple) -> None:
 def _loop(
     channel: Channel, config: WorkerConfig, dataset: Any, blocks: _shm.BlockPool | None
 ) -> None:
-    alive = _parent_watchdog(config.main_pid) if config.in_process else None
+    alive = _parent_watchdog(config.main_pid) if config.in_process and config.main_pid else None
     next_check = time.monotonic() + WATCHDOG_INTERVAL
     while True:
         try:

@@ -91,6 +91,10 @@ def _configs(section: str, workload: str, methods: list[str], have: dict[str, bo
         rows += [c(section, f"compatmp-{m}", "compatmp", m, True) for m in methods]
         rows.append(c(section, "compatmp-thread", "compatmp", "thread", False))
         rows.append(c(section, "compatmp-auto", "compatmp", "auto", True))
+        if have.get("ray") and workload in ("gil", "bigbatch"):
+            # Workers as Ray actors on a local Ray the pool starts: its first batch includes
+            # starting Ray (NOTE [ Ray workers ] in compatmp/_ray.py).
+            rows.append(c(section, "compatmp-ray", "compatmp", "ray", True))
     elif section == "fit" and have["keras"]:
         rows.append(c(section, "fit-serial", "serial", None, False))
         rows.append(c(section, "fit-keras-threads", "keras", None, False))
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = list(WORKLOADS) if args.workload == "all" else [args.workload]
     wanted = None if args.configs is None else {c.strip() for c in args.configs.split(",")}
     methods = available_methods()
-    have = {"keras": _installed("keras"), "torch": _installed("torch")}
+    have = {"keras": _installed("keras"), "torch": _installed("torch"), "ray": _installed("ray")}
     if "images" in workloads and not (have["keras"] and _installed("PIL")):
         _parser().error("the images workload needs the keras and demo extras (keras, pillow)")
     repeats = 1 if args.quick else args.repeats
@@ -312,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg.name
             for workload in WORKLOADS
             for section in SECTIONS
-            for cfg in _configs(section, workload, methods, {"keras": True, "torch": True})
+            for cfg in _configs(
+                section, workload, methods, {"keras": True, "torch": True, "ray": True}
+            )
         }
         unknown_configs = sorted(wanted - known)
         if unknown_configs:

@@ -1,0 +1,589 @@
+"""Ray actors as workers (``start_method="ray"``): the same worker loop, past one machine.
+
+Only this module imports Ray, and only when a pool with ``start_method="ray"`` starts.
+:mod:`compatmp._core` calls :func:`start_actors`, :func:`wait` and :func:`shutdown` where it
+would start, wait on and stop worker processes; everything else in the pool (dispatch, reorder
+buffer, timeouts, dataset updates, error messages) is the same code for every start method.
+
+NOTE [ Ray workers ]
+Each worker is one Ray actor (``_WorkerActor``) that runs the unchanged
+:func:`compatmp._worker.worker_main` loop in a thread of its own, over an in-actor
+:class:`_ActorChannel`. The actor has one method that matters, ``step(msg)``: put one message
+of NOTE [ Worker protocol ] into the loop's inbox, wait until the loop has handled it and
+waits for the next one, and return what the loop sent meanwhile (a list of messages:
+``[("ok", send_idx, batch, [])]`` for a task, ``[("updated", version)]`` for a dataset,
+``[]`` for a stop). So the protocol travels unchanged, one Ray call per message, and whatever
+the loop does (seeding, ``worker_init_fn``, ``get_worker_info``, pickled exceptions) is what
+process workers do. Alternatives rejected: a method per message kind (a second copy of the
+loop that would drift from the process one), and a long-running ``run()`` method polling a
+Ray queue (one more actor, and a hung ``dataset[i]`` would block the queue reads).
+
+Main side: :class:`RayChannel` turns each ``send`` into ``actor.step.remote(msg)`` and keeps
+the returned ``ObjectRef`` (calls to one actor run in order, so replies come back in order);
+:func:`wait` does for Ray what ``multiprocessing.connection.wait`` on pipes and sentinels does
+for processes: one ``ray.wait`` over the oldest pending reply of every actor. A reply is a Ray
+object: NumPy arrays in it come back zero-copy from the object store on the same node
+(read-only views; Ray's objects are immutable), copied once over the network from another
+node. Nothing is in flight beyond what the pool dispatched (``max_queue_size`` batches not yet
+yielded), so a slow consumer never fills the object store; an object is freed when the pool
+has yielded the batch and the consumer dropped it.
+
+Failure: ``ray.get`` of a reply raises ``RayActorError`` when the actor died (``os._exit``,
+Ray's out-of-memory killer, its node lost) or ``ObjectLostError`` when the node holding the
+reply is gone; either marks the worker dead and the pool raises ``WorkerCrashedError`` naming
+the index, as for a process. The index named is the oldest one the actor had not delivered:
+the batch it was computing, or one it finished just before dying (Ray sends a reply from a
+background thread, so ``os._exit`` right after a batch can lose that reply; a pipe write
+cannot be lost that way). An actor that cannot be placed (the cluster lacks the resources
+it asks for) is reported as crashed after :data:`ACTOR_START_TIMEOUT`. Actors are created with
+``max_restarts=0``: a restarted actor would have lost the dataset and the batch it held.
+
+Ray itself: when Ray is not initialised, the first pool starts a local instance sized to its
+workers (``num_cpus=workers``, no dashboard, worker output not forwarded) or, when
+``RAY_ADDRESS`` is set, connects to that cluster; the last pool using it shuts it down at
+``close()``. A Ray the program initialised (``ray.init(...)``) is used and left running.
+Batches already yielded stay valid after the shutdown. The workers receive the main process's
+``sys.path`` entries that exist on their node and its working directory when it exists there
+(as spawn does), so the dataset's own modules and relative paths work on one machine; on a
+cluster they must be installed on, or reachable from, every node.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from . import _worker
+from ._exceptions import StartMethodError
+from ._launch import _Handle
+
+__all__ = [
+    "ACTOR_OPTIONS_ENV_VAR",
+    "ACTOR_START_TIMEOUT",
+    "DEFAULT_ACTOR_OPTIONS",
+    "RayChannel",
+    "actor_options",
+    "check_available",
+    "shutdown",
+    "start_actors",
+    "wait",
+]
+
+# How long an actor may take from creation to "ready" (seconds) before it counts as crashed.
+# Covers Ray placing it (a worker process start, ~1-2 s) and loading the dataset; an actor
+# that the cluster cannot place at all (missing resources) would otherwise wait forever.
+ACTOR_START_TIMEOUT = 120.0
+
+# How often a blocked ``step`` call inside the actor re-checks that the loop thread lives
+# (seconds); it wakes at once when the loop is done with the message.
+_STEP_POLL_INTERVAL = 0.5
+
+# Environment variable holding extra ``ActorClass.options(...)`` as a JSON object, e.g.
+# '{"resources": {"loader": 1}}' to place workers on nodes started with that resource.
+ACTOR_OPTIONS_ENV_VAR = "COMPATMP_RAY_ACTOR_OPTIONS"
+
+# One core per worker (Ray schedules by it); never restart (the dataset and the batch held
+# would be lost silently); spread the workers over the cluster's nodes.
+DEFAULT_ACTOR_OPTIONS: dict[str, Any] = {
+    "num_cpus": 1,
+    "max_restarts": 0,
+    "max_task_retries": 0,
+    "scheduling_strategy": "SPREAD",
+}
+
+_INSTALL_HINT = (
+    "install it with `pip install 'compatmp[ray]'` (or `pip install 'ray>=2.9'`), or choose "
+    "another start_method"
+)
+
+
+def check_available(source: str = "start_method") -> None:
+    """Raise unless Ray can be imported here (without importing it).
+
+    Args:
+        source (str): what asked for Ray, for the message (default: ``"start_method"``).
+
+    Raises:
+        StartMethodError: Ray is not installed; the message says how to install it.
+    """
+    if importlib.util.find_spec("ray") is None:
+        raise StartMethodError(
+            f"{source}='ray' needs Ray, which is not installed: {_INSTALL_HINT}."
+        )
+
+
+def actor_options() -> dict[str, Any]:
+    """The options each worker actor is created with.
+
+    :data:`DEFAULT_ACTOR_OPTIONS`, updated with the JSON object in the
+    ``COMPATMP_RAY_ACTOR_OPTIONS`` environment variable when it is set (any keyword of Ray's
+    ``ActorClass.options``: ``num_cpus``, ``resources``, ``memory``, ``scheduling_strategy``,
+    ``runtime_env``...).
+
+    Returns:
+        dict[str, Any]: keyword arguments for ``ActorClass.options``.
+
+    Raises:
+        ValueError: the variable is not a JSON object; the message shows what it holds.
+    """
+    options = dict(DEFAULT_ACTOR_OPTIONS)
+    text = os.environ.get(ACTOR_OPTIONS_ENV_VAR, "").strip()
+    if not text:
+        return options
+    try:
+        extra = json.loads(text)
+    except ValueError as exc:
+        extra = exc
+    if not isinstance(extra, dict):
+        raise ValueError(
+            f"{ACTOR_OPTIONS_ENV_VAR} must hold a JSON object of Ray actor options, e.g. "
+            f'\'{{"resources": {{"loader": 1}}}}\'; got {text!r} ({extra})'
+        )
+    options.update(extra)
+    return options
+
+
+# ---------------------------------------------------------------------------------------------
+# Actor side
+# ---------------------------------------------------------------------------------------------
+
+
+class _ActorChannel:
+    """The worker loop's :class:`compatmp._worker.Channel` inside an actor (NOTE above).
+
+    The loop thread calls ``send``/``recv``/``poll``/``close``; the actor's ``step`` calls
+    :meth:`exchange`. ``idle`` is True while the loop waits in ``poll`` with nothing to read.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.inbox: collections.deque = collections.deque()
+        self.outbox: list[tuple] = []
+        self.idle = False
+        self.closed = False
+
+    def send(self, msg: tuple) -> None:
+        """Queue a message for the main side (returned by the current ``step``)."""
+        with self.cond:
+            if self.closed:
+                raise EOFError("the channel is closed")
+            self.outbox.append(msg)
+
+    def recv(self) -> tuple:
+        """Take the next message from the main side, waiting for one; EOFError once closed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.inbox or self.closed)
+            if self.inbox:
+                return self.inbox.popleft()
+            raise EOFError("the channel is closed")
+
+    def poll(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message; marks the loop idle meanwhile."""
+        with self.cond:
+            if not self.inbox:
+                self.idle = True
+                self.cond.notify_all()
+            return self.cond.wait_for(lambda: self.inbox or self.closed, timeout)
+
+    def close(self) -> None:
+        """The loop ended: every waiting ``exchange`` returns."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def exchange(self, msg: tuple | None, alive: Any) -> list[tuple]:
+        """Hand ``msg`` to the loop (None: nothing), wait until it is idle, return its output.
+
+        Args:
+            msg (tuple | None): one message of NOTE [ Worker protocol ], or None.
+            alive (Callable[[], bool]): whether the loop thread still runs (checked every
+                :data:`_STEP_POLL_INTERVAL` seconds, so a dead loop never blocks the call).
+
+        Returns:
+            list[tuple]: the messages the loop sent meanwhile, oldest first.
+        """
+        with self.cond:
+            if msg is not None and not self.closed:
+                self.inbox.append(msg)
+                self.idle = False
+                self.cond.notify_all()
+            while not self.closed and not (self.idle and not self.inbox):
+                self.cond.wait(_STEP_POLL_INTERVAL)
+                if not alive():
+                    break
+            out, self.outbox = self.outbox, []
+            return out
+
+
+def _adopt_paths(sys_path: list[str], cwd: str) -> None:
+    """Add the main process's existing ``sys.path`` entries; enter its cwd if it exists."""
+    for entry in sys_path:
+        if entry and entry not in sys.path and os.path.isdir(entry):
+            sys.path.append(entry)
+    if cwd and os.path.isdir(cwd):
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
+
+
+class _WorkerActor:
+    """One worker: :func:`compatmp._worker.worker_main` in a thread, driven by ``step``.
+
+    Args (of the constructor, passed by Ray):
+        config (WorkerConfig): without ``dataset``/``init_fn`` (they come as the next two
+            arguments, which Ray resolves from the object store: one copy for all actors).
+        dataset (bytes): the pickled dataset.
+        init_fn (bytes | None): the pickled ``worker_init_fn``.
+        sys_path (list[str]): the main process's ``sys.path``.
+        cwd (str): the main process's working directory.
+    """
+
+    def __init__(
+        self, config: Any, dataset: bytes, init_fn: Any, sys_path: list[str], cwd: str
+    ) -> None:
+        _adopt_paths(sys_path, cwd)
+        # main_pid=0: no parent watchdog; Ray ends an actor whose owner (the pool) is gone.
+        config = replace(config, dataset=dataset, init_fn=init_fn, main_pid=0)
+        self.channel = _ActorChannel()
+        self.thread = threading.Thread(
+            target=_worker.worker_main,
+            args=(self.channel, config),
+            name=f"compatmp-worker-{config.worker_id}",
+            daemon=True,
+        )
+        self.thread.start()
+
+    def start(self) -> dict[str, Any]:
+        """Wait for the loop to be ready; where the actor runs and what the loop said."""
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "messages": self.channel.exchange(None, self.thread.is_alive),
+        }
+
+    def step(self, msg: tuple) -> list[tuple]:
+        """Handle one protocol message; returns what the loop sent (see NOTE [ Ray workers ])."""
+        if msg[0] == _worker.DATASET:
+            import ray
+
+            if isinstance(msg[2], ray.ObjectRef):  # one put for all actors (RayChannel.send)
+                msg = (msg[0], msg[1], ray.get(msg[2]))
+        return self.channel.exchange(msg, self.thread.is_alive)
+
+
+_actor_class_cache: list[Any] = []
+
+
+def _actor_class() -> Any:
+    import ray
+
+    if not _actor_class_cache:
+        _actor_class_cache.append(ray.remote(_WorkerActor))
+    return _actor_class_cache[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray itself: use the program's, or start (and later stop) our own
+# ---------------------------------------------------------------------------------------------
+
+_ray_lock = threading.Lock()
+_owned_users = 0  # open pools using a Ray that compatmp initialised
+
+
+def _acquire_ray(workers: int) -> bool:
+    """Make sure Ray is initialised; True if compatmp did it (and must shut it down)."""
+    global _owned_users
+    import ray
+
+    with _ray_lock:
+        if ray.is_initialized():
+            if _owned_users:
+                _owned_users += 1
+                return True
+            return False
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.WARNING,
+        }
+        if not os.environ.get("RAY_ADDRESS"):
+            kwargs["num_cpus"] = workers  # a local instance just big enough for the pool
+        ray.init(**kwargs)
+        _owned_users = 1
+        return True
+
+
+def _release_ray(owned: bool) -> None:
+    global _owned_users
+    if not owned:
+        return
+    import ray
+
+    with _ray_lock:
+        _owned_users = max(0, _owned_users - 1)
+        if _owned_users == 0 and ray.is_initialized():
+            ray.shutdown()
+
+
+class _Transport:
+    """Per pool: whether it owns the Ray instance, and the last dataset update in the store."""
+
+    def __init__(self, owned: bool) -> None:
+        self.owned = owned
+        self.released = False
+        self._payload: Any = None
+        self._payload_ref: Any = None
+
+    def put_payload(self, payload: Any) -> Any:
+        """One ``ray.put`` per dataset update, shared by every actor's ``step``."""
+        import ray
+
+        if payload is not self._payload:
+            self._payload, self._payload_ref = payload, ray.put(payload)
+        return self._payload_ref
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._payload = self._payload_ref = None
+            _release_ray(self.owned)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main side
+# ---------------------------------------------------------------------------------------------
+
+
+class RayChannel:
+    """The main side's :class:`compatmp._worker.Channel` to one worker actor.
+
+    ``send`` is one ``actor.step.remote``; received messages are the contents of replies
+    fetched by :meth:`poll` (or by :func:`wait`).
+
+    Args:
+        actor (ray.actor.ActorHandle): the worker actor.
+        transport (_Transport): the pool's Ray bookkeeping.
+    """
+
+    def __init__(self, actor: Any, transport: _Transport) -> None:
+        self.actor = actor
+        self.transport = transport
+        self.pending: collections.deque = collections.deque()  # (ObjectRef, is_start)
+        self.inbox: collections.deque = collections.deque()
+        self.error: str | None = None  # why the actor is gone (None while it lives)
+        self.pid: int | None = None
+        self.node_ip: str | None = None
+
+    def send(self, msg: tuple) -> None:
+        """Send one message as ``actor.step.remote(msg)``; EOFError once the actor is gone."""
+        if self.error is not None:
+            raise EOFError(f"the Ray actor is gone: {self.error}")
+        if msg[0] == _worker.DATASET and isinstance(msg[2], bytes):
+            msg = (msg[0], msg[1], self.transport.put_payload(msg[2]))
+        try:
+            ref = self.actor.step.remote(msg)
+        except Exception as exc:  # Ray shut down under us, ...
+            self.error = _first_line(exc)
+            raise EOFError(f"the Ray actor is gone: {self.error}") from exc
+        self.pending.append((ref, False))
+
+    def head(self) -> Any:
+        """The oldest pending reply's ObjectRef, or None."""
+        return self.pending[0][0] if self.pending else None
+
+    def take_head(self) -> None:
+        """Fetch the oldest pending reply (it is ready); on a Ray error, mark the actor gone."""
+        import ray
+
+        ref, is_start = self.pending.popleft()
+        try:
+            reply = ray.get(ref, timeout=ACTOR_START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            self.error = f"its reply did not arrive within {ACTOR_START_TIMEOUT:.0f} s"
+        except ray.exceptions.RayError as exc:
+            self.error = _first_line(exc)
+        else:
+            if is_start:
+                self.pid, self.node_ip = reply["pid"], reply["node_ip"]
+                reply = reply["messages"]
+            self.inbox.extend(reply)
+            return
+        self.pending.clear()
+
+    def poll(self, timeout: float) -> bool:
+        """True when a message can be received; EOFError once the actor is gone and drained."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while not self.inbox:
+            if self.error is not None:
+                raise EOFError(f"the Ray actor is gone: {self.error}")
+            if not self.pending:
+                return False
+            left = max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait([self.head()], num_returns=1, timeout=left)
+            if not ready:
+                return False
+            self.take_head()
+        return True
+
+    def recv(self) -> tuple:
+        """The oldest received message (call after :meth:`poll` returned True)."""
+        while not self.poll(_worker.WORKER_POLL_INTERVAL):
+            if not self.pending:
+                raise EOFError("nothing was sent that could be answered")
+        return self.inbox.popleft()
+
+    def close(self) -> None:
+        """Forget pending replies and buffered messages (their objects are freed)."""
+        self.pending.clear()
+        self.inbox.clear()
+
+
+class _RayHandle(_Handle):
+    """The core's view of one worker actor (see :class:`compatmp._launch._Handle`)."""
+
+    def __init__(self, worker_id: int, channel: RayChannel) -> None:
+        super().__init__(worker_id, channel)
+        self.started = time.monotonic()
+
+    def is_alive(self) -> bool:
+        return self.channel.error is None
+
+    def describe_death(self) -> tuple[str, str]:
+        """``(who, how)`` for the core's ``WorkerCrashedError`` message."""
+        ch = self.channel
+        where = ", ".join(
+            part
+            for part in (
+                f"node {ch.node_ip}" if ch.node_ip else "",
+                f"pid {ch.pid}" if ch.pid is not None else "",
+            )
+            if part
+        )
+        who = f"worker {self.id} (Ray actor{' on ' + where if where else ''})"
+        return who, f"is gone ({ch.error})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines[:3])[:400]
+
+
+def start_actors(configs: list[_worker.WorkerConfig], handles: list[_Handle]) -> None:
+    """Start one worker actor per config, appending a handle for each to ``handles``.
+
+    Initialises Ray first if the program has not (see NOTE [ Ray workers ]).
+
+    Args:
+        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are pickled
+            bytes (the same for every config: put into the object store once).
+        handles (list[_Handle]): receives the handles.
+
+    Raises:
+        StartMethodError: Ray is not installed.
+        ValueError: ``COMPATMP_RAY_ACTOR_OPTIONS`` is malformed, or Ray rejected the options.
+        Exception: whatever ``ray.init`` raised (e.g. ``RAY_ADDRESS`` unreachable).
+    """
+    check_available()
+    import ray
+
+    options = actor_options()
+    transport = _Transport(_acquire_ray(len(configs)))
+    try:
+        try:
+            cls = _actor_class().options(**options)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"Ray rejected the worker actor options {options!r} ({exc}); check "
+                f"{ACTOR_OPTIONS_ENV_VAR}"
+            ) from exc
+        first = configs[0]
+        dataset_ref = ray.put(first.dataset)
+        init_ref = None if first.init_fn is None else ray.put(first.init_fn)
+        cwd = os.getcwd()
+        for config in configs:
+            bare = replace(config, dataset=None, init_fn=None)
+            actor = cls.remote(bare, dataset_ref, init_ref, list(sys.path), cwd)
+            channel = RayChannel(actor, transport)
+            channel.pending.append((actor.start.remote(), True))
+            handles.append(_RayHandle(config.worker_id, channel))
+    except BaseException:
+        if not handles:
+            transport.release()
+        raise
+
+
+def wait(handles: list[_Handle], timeout: float) -> tuple[list[_Handle], list[_Handle]]:
+    """Wait up to ``timeout`` seconds for a reply from any actor (the core's ``_wait``).
+
+    Args:
+        handles (list[_Handle]): the live :class:`_RayHandle` objects.
+        timeout (float): seconds.
+
+    Returns:
+        tuple[list, list]: handles with messages to receive, handles whose actor is gone
+        (died, node lost, or not started within :data:`ACTOR_START_TIMEOUT`).
+    """
+    import ray
+
+    now = time.monotonic()
+    for h in handles:
+        if h.channel.error is None and not h.ready and now - h.started > ACTOR_START_TIMEOUT:
+            h.channel.error = (
+                f"it did not start within {ACTOR_START_TIMEOUT:.0f} s: the cluster may lack "
+                f"the resources each worker asks for ({actor_options()}); the cluster has "
+                f"{_cluster_resources()}"
+            )
+    heads = {h.channel.head(): h for h in handles if not h.channel.inbox and h.channel.head()}
+    if any(h.channel.inbox or h.channel.error is not None for h in handles):
+        timeout = 0.0
+    if heads:
+        ready, _ = ray.wait(list(heads), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(heads), num_returns=len(heads), timeout=0)
+        for ref in ready:
+            heads[ref].channel.take_head()
+    elif timeout > 0:
+        time.sleep(timeout)
+    readable = [h for h in handles if h.channel.inbox]
+    dead = [h for h in handles if h.channel.error is not None and not h.channel.inbox]
+    return readable, dead
+
+
+def _cluster_resources() -> Any:
+    try:
+        import ray
+
+        return ray.cluster_resources()
+    except Exception as exc:  # pragma: no cover - diagnostics only
+        return f"unknown ({exc})"
+
+
+def shutdown(handles: list[_Handle]) -> None:
+    """Kill every actor, drop every pending reply, and release Ray (the core's close)."""
+    import ray
+
+    transport = None
+    for h in handles:
+        ch = h.channel
+        transport = ch.transport
+        try:
+            ray.kill(ch.actor, no_restart=True)
+        except Exception:
+            pass  # already dead, or Ray is shut down (at interpreter exit Ray's hook runs first)
+        ch.close()
+    if transport is not None:
+        transport.release()
