@@ -38,7 +38,7 @@ from ._serialize import (
     loads,
 )
 from ._threadsafe import threadsafe_generator, threadsafe_iter
-from ._worker import WorkerInfo, get_worker_info
+from ._worker import WorkerInfo, batch_rng, get_worker_info
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__
     from ._keras import evaluate, fit, predict
@@ -74,6 +74,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerTimeoutError",
     "available_methods",
+    "batch_rng",
     "decide_start_method",
     "diagnose",
     "dumps",

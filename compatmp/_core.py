@@ -160,8 +160,10 @@ class _Core:
         dataset_payload: Any,
         init_payload: Any,
         base_seed: int,
+        seed_batches: bool = False,
     ) -> None:
         self.method = method
+        self.seed_batches = seed_batches
         self.in_process = method != "thread"
         self.num_workers = workers
         self.handles: list[_Handle] = []
@@ -205,6 +207,7 @@ class _Core:
             main_pid=os.getpid(),
             shm_prefix=self.shm_prefix,
             shm_threshold=_shm.SHM_THRESHOLD,  # read now: benchmarks and tests may patch it
+            seed_batches=self.seed_batches,
         )
 
     def _start(self, dataset: Any, init_fn: Any, base_seed: int) -> None:
@@ -223,13 +226,13 @@ class _Core:
     def can_dispatch(self) -> bool:
         return any(len(h.outstanding) < MAX_TASKS_PER_WORKER for h in self.handles)
 
-    def dispatch(self, index: Any) -> int:
+    def dispatch(self, index: Any, pass_number: int = 0) -> int:
         with self.io_lock:
             if self.closed:
                 raise _PoolClosed
-            return self._dispatch(index)
+            return self._dispatch(index, pass_number)
 
-    def _dispatch(self, index: Any) -> int:
+    def _dispatch(self, index: Any, pass_number: int = 0) -> int:
         n = len(self.handles)
         order = [self.handles[(self.rr + k) % n] for k in range(n)]
         handle = min(order, key=lambda h: len(h.outstanding))
@@ -237,7 +240,7 @@ class _Core:
         send_idx = self.next_send_idx
         self.next_send_idx += 1
         try:
-            handle.channel.send((_worker.TASK, send_idx, index))
+            handle.channel.send((_worker.TASK, send_idx, index, pass_number))
         except (EOFError, OSError):
             self._send_failed(handle)
             raise
@@ -503,8 +506,10 @@ class _Core:
         else:
             for h in self.handles:
                 h.channel.close()  # a worker busy in dataset[i] ends after its batch
+            me = threading.current_thread()
             for h in self.handles:
-                h.thread.join(max(0.0, deadline - time.monotonic()))
+                if h.thread is not me:  # GC may run this finalizer in a worker thread
+                    h.thread.join(max(0.0, deadline - time.monotonic()))
             return
         for h in self.handles:
             self._drain_quietly(h)

@@ -522,16 +522,25 @@ def test_failing_worker_init_fn_is_raised(method):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ALL_METHODS)
-def test_close_from_another_thread_ends_a_waiting_imap(method):
+def test_close_from_another_thread_makes_a_waiting_imap_raise(method):
+    # Issue 12 item 4: the stream must not end quietly, as if complete.
     pool = OrderedPool(SlowDataset(5, slow=0, seconds=1.5), workers=1, start_method=method)
     got: list = []
-    consumer = threading.Thread(target=lambda: got.append(list(pool.imap(range(5)))))
+
+    def consume():
+        try:
+            got.append(list(pool.imap(range(5))))
+        except RuntimeError as exc:
+            got.append(exc)
+
+    consumer = threading.Thread(target=consume)
     consumer.start()
     time.sleep(0.3)  # the consumer now waits for batch 0
     pool.close()
-    consumer.join(timeout=CRASH_DEADLINE)
+    consumer.join(timeout=30)
     assert not consumer.is_alive()
-    assert got == [[]]  # the stream ended, no exception in the consumer thread
+    assert len(got) == 1 and isinstance(got[0], RuntimeError), got
+    assert "closed while imap() was running" in str(got[0])
     assert pool.closed
 
 
