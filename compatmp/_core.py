@@ -61,7 +61,6 @@ from __future__ import annotations
 import atexit
 import collections
 import os
-import secrets
 import signal
 import threading
 import time
@@ -191,7 +190,8 @@ class _Core:
         if self.in_process:
             if os.name != "nt":  # Windows has no resource tracker
                 _shm.ensure_tracker()
-            self.shm_prefix = _shm.block_prefix(os.getpid(), secrets.token_hex(2))
+            self.shm_prefix = _shm.block_prefix(os.getpid(), _shm.pool_token())
+            _shm.sweep_dead_owners()  # NOTE [ Shared-memory ownership ], rule 5
         self._start(dataset_payload, init_payload, base_seed)
 
     # -- start-up ------------------------------------------------------------------------------

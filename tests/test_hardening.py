@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
+import psutil
 import pytest
-from hardening_helpers import ClosesItsPool, RandomDataset
-from pool_datasets import PROCESS_METHODS, SlowDataset
+from hardening_helpers import BigBatches, ClosesItsPool, RandomDataset
+from pool_datasets import PROCESS_METHODS, SlowDataset, pid_alive, shm_entries
 
 import compatmp
+from compatmp import _shm
 from compatmp._pool import OrderedPool
 from compatmp._worker import batch_seed_sequence
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,3 +140,83 @@ def test_closing_a_thread_pool_from_its_own_worker_thread_does_not_join_itself()
         list(pool.imap(range(4)))
     assert ds.errors == []
     assert pool.closed
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: no block outlives its owner
+# ---------------------------------------------------------------------------------------------
+
+needs_dev_shm = pytest.mark.skipif(
+    not os.path.isdir("/dev/shm"), reason="this OS cannot list shared memory"
+)
+
+_HOLDER_SCRIPT = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp._pool import OrderedPool
+
+held = []
+for _ in range(3):
+    pool = OrderedPool(BigBatches(), workers=2, start_method={method!r})
+    it = pool.imap(range(1000))
+    held.append((pool, it, [next(it) for _ in range(4)]))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_dev_shm
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
+    script = _HOLDER_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under `timeout -s KILL`
+    )
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        group = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(shm_entries(proc.pid)) >= 3  # 3 pools held batches; nobody cleaned up
+    with OrderedPool(BigBatches(), workers=1, start_method=method) as pool:
+        assert next(pool.imap([0]))[0][0, 0] == 0
+    assert shm_entries(proc.pid) == []
+
+
+def _fake_block(owner: int, mtime: float) -> str:
+    name = _shm.block_prefix(owner, _shm.pool_token()) + "zzzzz"
+    path = os.path.join("/dev/shm", name)
+    with open(path, "wb") as f:
+        f.write(b"x")
+    os.utime(path, (mtime, mtime))
+    return name
+
+
+@needs_dev_shm
+def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
+    parent = psutil.Process(os.getppid())
+    started = parent.create_time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    live = _fake_block(parent.pid, time.time())
+    recycled = _fake_block(parent.pid, started - 3600)  # made before that process existed
+    gone = _fake_block(dead.pid, time.time())
+    try:
+        swept = _shm.sweep_dead_owners()
+        assert recycled in swept and gone in swept
+        assert live not in swept
+        assert os.path.exists(os.path.join("/dev/shm", live))
+    finally:
+        for name in (live, recycled, gone):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))

@@ -209,10 +209,14 @@ def test_sweep_finds_only_its_prefix(prefix):
 
 
 def test_block_names_fit_macos_limit():
-    prefix = _shm.block_prefix(9_999_999, "ffff")
-    assert len("/" + prefix) + 2 * _shm._BLOCK_TOKEN_BYTES <= 31
+    token = _shm.pool_token()
+    assert len(token) == 13 and token.isalnum() and token == token.lower()  # 64 bits, base 36
+    prefix = _shm.block_prefix(9_999_999, token)
+    assert len("/" + prefix) + _shm._MIN_BLOCK_TOKEN_CHARS <= 31
     with pytest.raises(ValueError, match="31 characters"):
-        _shm.block_prefix(9_999_999, "toolongtoken")
+        _shm.block_prefix(9_999_999, token + "x")
+    with pytest.raises(ValueError, match="lowercase letters and digits"):
+        _shm.block_prefix(1, "ab_c")
 
 
 @pytest.mark.timeout(60)
