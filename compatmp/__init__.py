@@ -29,6 +29,7 @@ from ._platform import (
     diagnose,
 )
 from ._pool import OrderedPool
+from ._seeds import batch_rng
 from ._serialize import (
     CompatPickler,
     PickleSafeMixin,
@@ -38,7 +39,7 @@ from ._serialize import (
     loads,
 )
 from ._threadsafe import threadsafe_generator, threadsafe_iter
-from ._worker import WorkerInfo, batch_rng, get_worker_info
+from ._worker import WorkerInfo, get_worker_info
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers; at run time see __getattr__
     from ._keras import evaluate, fit, predict

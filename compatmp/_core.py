@@ -69,7 +69,7 @@ from collections.abc import Iterable
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
-from . import _shm, _worker
+from . import _shm, _stall, _worker
 from ._exceptions import WorkerCrashedError, WorkerTimeoutError
 from ._launch import _Handle, _ProcessHandle, start_processes, start_threads
 
@@ -160,9 +160,12 @@ class _Core:
         init_payload: Any,
         base_seed: int,
         seed_batches: bool = False,
+        stall_timeout: float | None = None,
     ) -> None:
         self.method = method
         self.seed_batches = seed_batches
+        self.stall_timeout = stall_timeout
+        self.stack_files: dict[int, _stall.StackFile] = {}  # worker id -> its stack dumps
         self.in_process = method != "thread"
         self.num_workers = workers
         self.handles: list[_Handle] = []
@@ -208,7 +211,14 @@ class _Core:
             shm_prefix=self.shm_prefix,
             shm_threshold=_shm.SHM_THRESHOLD,  # read now: benchmarks and tests may patch it
             seed_batches=self.seed_batches,
+            stack_file=self._stack_file(i),
         )
+
+    def _stack_file(self, i: int) -> str | None:
+        if not (self.in_process and self.stall_timeout and _stall.supported()):
+            return None
+        self.stack_files[i] = _stall.StackFile()
+        return self.stack_files[i].path
 
     def _start(self, dataset: Any, init_fn: Any, base_seed: int) -> None:
         configs = [self._config(i, dataset, init_fn, base_seed) for i in range(self.num_workers)]
@@ -362,6 +372,8 @@ class _Core:
                 self.results[send_idx] = _Failure(exc)
         elif kind == _worker.READY:
             handle.ready = True
+            if handle.id in self.stack_files:  # the worker has it open: drop the name
+                self.stack_files[handle.id].unlink()
         elif kind == _worker.UPDATED:
             handle.version = max(handle.version, msg[1])
         else:  # pragma: no cover - protocol bug
@@ -405,7 +417,9 @@ class _Core:
     # -- waiting for one result ----------------------------------------------------------------
 
     def wait_for(self, send_idx: int, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        stall_at = started + self.stall_timeout if self.stall_timeout else None
         while True:
             with self.io_lock:
                 if self.closed:
@@ -427,7 +441,16 @@ class _Core:
                     if left <= 0:
                         raise self._timeout_error(send_idx, timeout)
                     wait = min(wait, left)
+                if stall_at is not None and time.monotonic() >= stall_at:
+                    self._report_stall(send_idx, time.monotonic() - started)
+                    stall_at = time.monotonic() + self.stall_timeout
                 self.pump(wait)
+
+    def _report_stall(self, send_idx: int, waited: float) -> None:
+        """Log who holds the awaited batch and where it is stuck (NOTE [ Stall reports ])."""
+        index, handle = self.tasks[send_idx]
+        holding = self.tasks[handle.outstanding[0]][0] if handle.outstanding else index
+        _stall.report_worker(handle, self.stack_files.get(handle.id), waited, index, holding)
 
     def _timeout_error(self, send_idx: int, timeout: float | None) -> WorkerTimeoutError:
         index, handle = self.tasks[send_idx]
@@ -492,6 +515,8 @@ class _Core:
                 self.results.clear()
                 self.tasks.clear()
                 self.orphans.clear()
+                for stack_file in self.stack_files.values():
+                    stack_file.close()
 
     def _shutdown(self) -> None:
         for h in self.handles:

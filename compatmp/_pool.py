@@ -27,6 +27,7 @@ from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
 from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
+from ._stall import DEFAULT_STALL_TIMEOUT
 
 __all__ = ["OrderedPool"]
 
@@ -89,14 +90,20 @@ class OrderedPool:
             whatever the worker count or start method; :func:`compatmp.batch_rng` gives a
             ``numpy.random.Generator`` seeded that way, in threads too. A pass is one
             :meth:`imap` call (see its ``pass_number``); NOTE [ Per-batch seeds ] in
-            :mod:`compatmp._worker`.
+            :mod:`compatmp._seeds`.
+        stall_timeout (float | None): seconds without a batch, while one is awaited, before
+            a WARNING on the ``"compatmp"`` logger names the worker's pid, the index it is
+            computing and its Python stack; repeated every ``stall_timeout`` while the wait
+            goes on, which it does (``timeout`` ends it). 0 or None disables it (default:
+            60). NOTE [ Stall reports ] in :mod:`compatmp._stall`.
 
     Raises:
         TypeError: ``dataset`` lacks ``__len__``/``__getitem__``; ``worker_init_fn`` is not
             callable; ``workers``, ``max_queue_size`` or ``seed`` is not an ``int``, or
-            ``timeout`` not a number (checks in :mod:`compatmp._args`).
-        ValueError: ``workers``, ``max_queue_size``, ``timeout`` or ``seed`` is out of range
-            (``timeout`` must be finite).
+            ``timeout``/``stall_timeout`` not a number (checks in :mod:`compatmp._args`).
+        ValueError: ``workers``, ``max_queue_size``, ``timeout``, ``stall_timeout`` or
+            ``seed`` is out of range (durations must be finite; ``timeout`` > 0,
+            ``stall_timeout`` >= 0).
         StartMethodError: ``start_method`` is unknown or unavailable on this platform.
     """
 
@@ -110,11 +117,13 @@ class OrderedPool:
         timeout: float | None = None,
         worker_init_fn: Callable[[int], Any] | None = None,
         seed: int | None = None,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         _check_dataset(dataset)
         self._workers = check_workers(workers)
         self._max_queue_size = check_max_queue_size(max_queue_size)
         self._timeout = check_seconds(timeout, "timeout")
+        stall = check_seconds(stall_timeout, "stall_timeout", allow_zero=True) or None
         if worker_init_fn is not None and not callable(worker_init_fn):
             raise TypeError(
                 f"worker_init_fn must be a callable taking the worker id, or None; got "
@@ -160,6 +169,7 @@ class OrderedPool:
             init_payload,
             self._seed,
             seed_batches=seed is not None,
+            stall_timeout=stall,
         )
         self._passes = 0  # imap() calls so far: the default pass number of the next one
         self._finalizer = weakref.finalize(self, self._core.close, "the pool was garbage collected")
@@ -227,7 +237,7 @@ class OrderedPool:
         Args:
             indices (Iterable): batch indices (small picklable objects, usually ints).
             pass_number (int | None): the pass these batches belong to, for per-batch seeds
-                (NOTE [ Per-batch seeds ] in :mod:`compatmp._worker`), e.g. the epoch
+                (NOTE [ Per-batch seeds ] in :mod:`compatmp._seeds`), e.g. the epoch
                 (default: None, one more than the previous ``imap``'s pass; 0 for the
                 first ``imap`` of the pool, so 0, 1, 2, ... for one ``imap`` per epoch).
 

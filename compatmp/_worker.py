@@ -11,7 +11,7 @@ Messages are plain tuples whose first item names the kind. Nothing in them is sp
 main -> worker::
 
     ("task", send_idx, index, pass)    compute dataset[index]; pass (int) is the pool's pass
-                                       number, for NOTE [ Per-batch seeds ]
+                                       number, for NOTE [ Per-batch seeds ] (_seeds)
     ("dataset", version, payload)      replace the dataset (pickled bytes, or the object in
                                        thread mode), then answer ("updated", version)
     ("release", send_idx)              the main process no longer uses that batch's
@@ -60,7 +60,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _shm
+from . import _seeds, _shm, _stall
 
 __all__ = [
     "WATCHDOG_INTERVAL",
@@ -71,8 +71,6 @@ __all__ = [
     "RemoteTraceback",
     "WorkerConfig",
     "WorkerInfo",
-    "batch_rng",
-    "batch_seed_sequence",
     "derive_seed",
     "get_worker_info",
     "process_entry",
@@ -173,113 +171,11 @@ def _seed_globals(seed64: int, words: list[int]) -> None:
     np.random.seed(words)
 
 
-# NOTE [ Per-batch seeds ]
-# Batches go to the least-loaded worker, so which worker computes index i depends on timing;
-# a per-worker RNG therefore cannot make batches reproducible (measured on main before this:
-# with seed=1234, 23-30 of 40 batches differed between runs). With an explicit ``seed=``,
-# every batch is computed with RNGs seeded from (seed, pass, index) alone:
-#
-# - ``pass`` is the pool's pass number, sent with each task: ``imap(..., pass_number=p)``, or by
-#   default one more than the previous ``imap`` call's pass (0 for the pool's first ``imap``).
-#   So with one ``imap`` per epoch, pass p is epoch p, and every epoch draws different numbers.
-# - ``index`` is the batch index as given to ``imap``: a non-negative int, a tuple of them, or
-#   anything else (then a BLAKE2b hash of its ``repr``).
-# - Process workers reseed Python's ``random`` and NumPy's legacy global RNG
-#   (``numpy.random.seed``) before each such batch; worker threads share those with the main
-#   thread, so they are left alone there.
-# - :func:`batch_rng` gives a ``numpy.random.Generator`` seeded the same way, in processes and
-#   threads alike (the same numbers for the same batch, whatever the start method).
-# The seeds come from ``numpy.random.SeedSequence(seed, spawn_key=(_BATCH_TAG, pass, ...))``,
-# the same mechanism as the per-worker seeds (:func:`derive_seed`), tagged so the two never
-# share a stream. Reseeding costs ~30 us per batch and runs only with an explicit seed.
-
-_BATCH_TAG = 0xBA7C
-
-
-def _index_key(index: Any) -> tuple[int, ...]:
-    if type(index) is int and index >= 0:
-        return (1, index)
-    if type(index) is tuple and all(type(x) is int and x >= 0 for x in index):
-        return (len(index) + 1, *index)
-    import hashlib
-
-    digest = hashlib.blake2b(repr(index).encode(), digest_size=8).digest()
-    return (0, int.from_bytes(digest, "little"))
-
-
-def batch_seed_sequence(base_seed: int, pass_number: int, index: Any) -> Any:
-    """The ``numpy.random.SeedSequence`` of the batch ``index`` in pass ``pass_number``.
-
-    See NOTE [ Per-batch seeds ] in :mod:`compatmp._worker`.
-
-    Args:
-        base_seed (int): the pool's seed (non-negative).
-        pass_number (int): the pass (non-negative), see the NOTE.
-        index (object): the batch index.
-
-    Returns:
-        numpy.random.SeedSequence: depends only on the three arguments.
-    """
-    import numpy as np
-
-    return np.random.SeedSequence(
-        base_seed, spawn_key=(_BATCH_TAG, pass_number, *_index_key(index))
-    )
-
-
-class _BatchContext:
-    """The batch a worker is computing now, and its lazily made Generator."""
-
-    __slots__ = ("base_seed", "index", "pass_number", "rng")
-
-    def __init__(self, base_seed: int, pass_number: int, index: Any) -> None:
-        self.base_seed = base_seed
-        self.pass_number = pass_number
-        self.index = index
-        self.rng: Any = None
-
-
-_process_batch: _BatchContext | None = None  # in a worker process, the current batch
-_thread_batch = threading.local()  # in a worker thread, the current batch
-
-
-def batch_rng() -> Any:
-    """A ``numpy.random.Generator`` for the batch being computed, seeded from the batch alone.
-
-    Call it inside ``dataset[i]``. In a worker (process or thread) it is seeded from
-    ``(seed, pass, index)`` (NOTE [ Per-batch seeds ] in :mod:`compatmp._worker`), so the
-    batch at index ``i`` of pass ``p`` gets the same numbers whatever the number of workers,
-    the start method, or which worker computes it; with ``seed=None`` the pool's seed is
-    random, so the numbers differ between pools. Calls within one batch return the same
-    Generator (draws continue).
-
-    Outside a worker (``dataset[i]`` called in the main process) it returns a new Generator
-    seeded from NumPy's global RNG, so ``numpy.random.seed`` there makes it reproducible.
-
-    Returns:
-        numpy.random.Generator: the batch's generator (PCG64).
-    """
-    import numpy as np
-
-    ctx = getattr(_thread_batch, "ctx", None) or _process_batch
-    if ctx is None:
-        return np.random.default_rng(np.random.randint(0, 2**32, size=4, dtype=np.uint64))
-    if ctx.rng is None:
-        ctx.rng = np.random.default_rng(
-            batch_seed_sequence(ctx.base_seed, ctx.pass_number, ctx.index)
-        )
-    return ctx.rng
-
-
 def _enter_batch(config: WorkerConfig, pass_number: int, index: Any) -> None:
-    global _process_batch
-    ctx = _BatchContext(config.base_seed, pass_number, index)
-    if not config.in_process:
-        _thread_batch.ctx = ctx
-        return
-    _process_batch = ctx
-    if config.seed_batches:
-        words = batch_seed_sequence(config.base_seed, pass_number, index).generate_state(4)
+    """Set up the batch context (and, with ``seed=``, reseed a process's globals)."""
+    ctx = _seeds.enter_batch(config.base_seed, pass_number, index, not config.in_process)
+    if config.in_process and config.seed_batches:
+        words = ctx.seed_sequence().generate_state(4)
         _seed_globals(int(words[0]) | (int(words[1]) << 32), [int(w) for w in words])
 
 
@@ -534,6 +430,8 @@ class WorkerConfig:
         shm_threshold (int): arrays of at least this many bytes use shared memory.
         seed_batches (bool): reseed ``random`` and NumPy's global RNG before every batch
             (process workers; NOTE [ Per-batch seeds ]); True when the pool got ``seed=``.
+        stack_file (str | None): where to dump this worker's stack on SIGUSR1 (process
+            workers; NOTE [ Stall reports ] in :mod:`compatmp._stall`); None: no dumps.
     """
 
     worker_id: int
@@ -546,6 +444,7 @@ class WorkerConfig:
     shm_prefix: str | None = None
     shm_threshold: int = _shm.SHM_THRESHOLD
     seed_batches: bool = False
+    stack_file: str | None = None
 
 
 class _MainGone(Exception):
@@ -595,6 +494,8 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
         if hasattr(signal, "pthread_sigmask"):  # born blocked (_launch._sigint_blocked)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if config.stack_file is not None:
+            _stall.install_in_worker(config.stack_file)
     seed64, words = derive_seed(config.base_seed, config.worker_id)
     info = WorkerInfo(config.worker_id, config.num_workers, seed64)
     if config.in_process:
@@ -625,7 +526,7 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
             blocks.close()  # NOTE [ Shared-memory ownership ], rule 3
         if not config.in_process:
             _thread_info.info = None
-            _thread_batch.ctx = None
+            _seeds.leave_thread()
         channel.close()
 
 
