@@ -286,3 +286,12 @@ def test_stuck_worker_with_timeout_raises_naming_the_index_and_leaves_no_worker(
     assert got == list(range(6))
     assert pool.closed
     assert not [pid for pid, _ in workers if pid_alive(pid)]
+
+
+@pytest.mark.timeout(120)
+def test_latency_benchmark_measures_every_kind():
+    from compatmp.bench import latency
+
+    results = latency.measure([PROCESS_METHODS[0]], repeats=1)
+    assert sorted(kind for kind, _ in results) == ["crash", "stall", "timeout"]
+    assert all(len(v) == 1 and v[0] >= -0.5 for v in results.values())

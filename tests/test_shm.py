@@ -23,7 +23,6 @@ from pool_datasets import (
 )
 
 from compatmp import _shm
-from compatmp._core import SHUTDOWN_TIMEOUT, TERMINATE_TIMEOUT
 from compatmp._pool import OrderedPool
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
@@ -276,7 +275,7 @@ def test_busy_worker_unlinks_its_blocks_on_sigterm(method, monkeypatch):
         assert shm_entries()  # the worker keeps its released blocks for reuse
         start = time.monotonic()
     # close(): the worker is busy in dataset[2], so it gets SIGTERM after the grace period.
-    assert time.monotonic() - start < SHUTDOWN_TIMEOUT + TERMINATE_TIMEOUT
+    assert time.monotonic() - start < 30  # a "no hang" bound; normally ~SHUTDOWN_TIMEOUT
     assert shm_entries() == []
 
 
