@@ -31,6 +31,7 @@ from ._platform import (
     diagnose,
 )
 from ._pool import OrderedPool
+from ._seeds import batch_rng
 from ._serialize import CompatPickler, dumps, loads
 from ._threadsafe import threadsafe_generator, threadsafe_iter
 from ._unpicklable import Unpicklable, find_unpicklable
@@ -70,6 +71,7 @@ __all__ = [
     "WorkerInfo",
     "WorkerTimeoutError",
     "available_methods",
+    "batch_rng",
     "decide_start_method",
     "diagnose",
     "dumps",

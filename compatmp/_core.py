@@ -61,7 +61,6 @@ from __future__ import annotations
 import atexit
 import collections
 import os
-import secrets
 import signal
 import threading
 import time
@@ -70,7 +69,7 @@ from collections.abc import Iterable
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
-from . import _shm, _worker
+from . import _shm, _stall, _worker
 from ._exceptions import WorkerCrashedError, WorkerTimeoutError
 from ._launch import _Handle, _ProcessHandle, start_processes, start_threads
 
@@ -162,9 +161,14 @@ class _Core:
         base_seed: int,
         *,
         sharer: Any = None,
+        seed_batches: bool = False,
+        stall_timeout: float | None = None,
     ) -> None:
         self.method = method
         self.sharer = sharer  # _shared_data.DatasetSharer: the dataset's blocks (main-owned)
+        self.seed_batches = seed_batches
+        self.stall_timeout = stall_timeout
+        self.stack_files: dict[int, _stall.StackFile] = {}  # worker id -> its stack dumps
         self.in_process = method != "thread"
         self.num_workers = workers
         self.handles: list[_Handle] = []
@@ -192,7 +196,8 @@ class _Core:
         if self.in_process and method != "ray":  # Ray: batches through its object store
             if os.name != "nt":  # Windows has no resource tracker
                 _shm.ensure_tracker()
-            self.shm_prefix = _shm.block_prefix(os.getpid(), secrets.token_hex(2))
+            self.shm_prefix = _shm.block_prefix(os.getpid(), _shm.pool_token())
+            _shm.sweep_dead_owners()  # NOTE [ Shared-memory ownership ], rule 5
         try:
             if sharer is not None:  # NOTE [ Shared dataset buffers ] in _shared_data
                 dataset_payload = sharer.start(self.shm_prefix, dataset_payload)
@@ -214,7 +219,18 @@ class _Core:
             main_pid=os.getpid(),
             shm_prefix=self.shm_prefix,
             shm_threshold=_shm.SHM_THRESHOLD,  # read now: benchmarks and tests may patch it
+            seed_batches=self.seed_batches,
+            stack_file=self._stack_file(i),
         )
+
+    def _stack_file(self, i: int) -> str | None:
+        # Ray actors may run on other machines: no local stack file, no signal to their pid.
+        if not (self.in_process and self.method != "ray" and self.stall_timeout):
+            return None
+        if not _stall.supported():
+            return None
+        self.stack_files[i] = _stall.StackFile()
+        return self.stack_files[i].path
 
     def _start(self, dataset: Any, init_fn: Any, base_seed: int) -> None:
         configs = [self._config(i, dataset, init_fn, base_seed) for i in range(self.num_workers)]
@@ -236,13 +252,13 @@ class _Core:
     def can_dispatch(self) -> bool:
         return any(len(h.outstanding) < MAX_TASKS_PER_WORKER for h in self.handles)
 
-    def dispatch(self, index: Any) -> int:
+    def dispatch(self, index: Any, pass_number: int = 0) -> int:
         with self.io_lock:
             if self.closed:
                 raise _PoolClosed
-            return self._dispatch(index)
+            return self._dispatch(index, pass_number)
 
-    def _dispatch(self, index: Any) -> int:
+    def _dispatch(self, index: Any, pass_number: int = 0) -> int:
         n = len(self.handles)
         order = [self.handles[(self.rr + k) % n] for k in range(n)]
         handle = min(order, key=lambda h: len(h.outstanding))
@@ -250,7 +266,7 @@ class _Core:
         send_idx = self.next_send_idx
         self.next_send_idx += 1
         try:
-            handle.channel.send((_worker.TASK, send_idx, index))
+            handle.channel.send((_worker.TASK, send_idx, index, pass_number))
         except (EOFError, OSError):
             self._send_failed(handle)
             raise
@@ -376,6 +392,8 @@ class _Core:
                 self.results[send_idx] = _Failure(exc)
         elif kind == _worker.READY:
             handle.ready = True
+            if handle.id in self.stack_files:  # the worker has it open: drop the name
+                self.stack_files[handle.id].unlink()
         elif kind == _worker.UPDATED:
             handle.version = max(handle.version, msg[1])
         else:  # pragma: no cover - protocol bug
@@ -422,7 +440,9 @@ class _Core:
     # -- waiting for one result ----------------------------------------------------------------
 
     def wait_for(self, send_idx: int, timeout: float | None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        stall_at = started + self.stall_timeout if self.stall_timeout else None
         while True:
             with self.io_lock:
                 if self.closed:
@@ -444,7 +464,16 @@ class _Core:
                     if left <= 0:
                         raise self._timeout_error(send_idx, timeout)
                     wait = min(wait, left)
+                if stall_at is not None and time.monotonic() >= stall_at:
+                    self._report_stall(send_idx, time.monotonic() - started)
+                    stall_at = time.monotonic() + self.stall_timeout
                 self.pump(wait)
+
+    def _report_stall(self, send_idx: int, waited: float) -> None:
+        """Log who holds the awaited batch and where it is stuck (NOTE [ Stall reports ])."""
+        index, handle = self.tasks[send_idx]
+        holding = self.tasks[handle.outstanding[0]][0] if handle.outstanding else index
+        _stall.report_worker(handle, self.stack_files.get(handle.id), waited, index, holding)
 
     def _timeout_error(self, send_idx: int, timeout: float | None) -> WorkerTimeoutError:
         index, handle = self.tasks[send_idx]
@@ -509,6 +538,8 @@ class _Core:
                 self.results.clear()
                 self.tasks.clear()
                 self.orphans.clear()
+                for stack_file in self.stack_files.values():
+                    stack_file.close()
 
     def _shutdown(self) -> None:
         for h in self.handles:
@@ -528,8 +559,10 @@ class _Core:
         else:
             for h in self.handles:
                 h.channel.close()  # a worker busy in dataset[i] ends after its batch
+            me = threading.current_thread()
             for h in self.handles:
-                h.thread.join(max(0.0, deadline - time.monotonic()))
+                if h.thread is not me:  # GC may run this finalizer in a worker thread
+                    h.thread.join(max(0.0, deadline - time.monotonic()))
             return
         for h in self.handles:
             self._drain_quietly(h)

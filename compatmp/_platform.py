@@ -11,6 +11,13 @@ The first matching row wins:
 1. ``start_method=`` argument, else the ``COMPATMP_START_METHOD`` environment variable: used
    if available here, otherwise :class:`StartMethodError` lists what is. ``"ray"`` (Ray
    actors, :mod:`compatmp._ray`) is only ever used this way, when Ray is installed.
+1b. A start method the program chose with ``multiprocessing.set_start_method(...)``
+   (``multiprocessing.get_start_method(allow_none=True)``), as Keras and torch respect it: used
+   as asked, fork included (the program asked for it; the reason names the risk). A method
+   equal to Python's own default for the platform (:func:`python_default_method`) does not
+   count: ``multiprocessing`` also fixes its context to the default on first use
+   (``multiprocessing.Lock()``, ``Process()``), and the two are indistinguishable, so the
+   rows below still apply and may refuse fork where it is unsafe.
 2. Free-threaded CPython with the GIL disabled (PEP 703, ``sys._is_gil_enabled()``):
    threads run Python code in parallel and share the dataset without pickling.
 3. Frozen executable (``sys.frozen``, PyInstaller/cx_Freeze): a spawned child re-runs the
@@ -58,6 +65,7 @@ __all__ = [
     "available_methods",
     "decide_start_method",
     "diagnose",
+    "python_default_method",
 ]
 
 # Name of the environment variable that overrides ``start_method="auto"``.
@@ -165,6 +173,10 @@ class PlatformFacts:
         torch_cuda_initialized (bool): ``torch.cuda.is_initialized()`` (default: False).
         frozen (bool): running as a frozen executable, ``sys.frozen`` (default: False).
         gil_disabled (bool): free-threaded build with the GIL off (default: False).
+        program_start_method (str | None): the start method the program fixed with
+            ``multiprocessing.set_start_method`` (or that ``multiprocessing`` fixed on first
+            use), ``multiprocessing.get_start_method(allow_none=True)``; None if not fixed
+            (default: None).
     """
 
     os: str
@@ -178,6 +190,7 @@ class PlatformFacts:
     torch_cuda_initialized: bool = False
     frozen: bool = False
     gil_disabled: bool = False
+    program_start_method: str | None = None
 
     @property
     def other_threads(self) -> int:
@@ -212,6 +225,7 @@ class PlatformFacts:
             torch_cuda_initialized=_torch_cuda_initialized(),
             frozen=bool(getattr(sys, "frozen", False)),
             gil_disabled=is_gil_enabled is not None and not is_gil_enabled(),
+            program_start_method=multiprocessing.get_start_method(allow_none=True),
         )
 
     def with_(self, **changes: Any) -> PlatformFacts:
@@ -238,6 +252,24 @@ class Decision:
     def uses_processes(self) -> bool:
         """True for fork, forkserver, spawn and ray; False for threads."""
         return self.method != "thread"
+
+
+def python_default_method(facts: PlatformFacts) -> str:
+    """The start method ``multiprocessing`` uses when the program picks none.
+
+    From the ``multiprocessing`` documentation ("Contexts and start methods"): spawn on Windows
+    and on macOS (since Python 3.8), forkserver on other POSIX systems since Python 3.14
+    (gh-84559), fork before.
+
+    Args:
+        facts (PlatformFacts): the platform to answer for.
+
+    Returns:
+        str: ``"fork"``, ``"forkserver"`` or ``"spawn"``.
+    """
+    if facts.os in ("windows", "darwin"):
+        return "spawn"
+    return "forkserver" if facts.python_version >= (3, 14) else "fork"
 
 
 def _validate_requested(requested: object, source: str, facts: PlatformFacts) -> str:
@@ -301,6 +333,15 @@ def decide_start_method(requested: str = "auto", *, facts: PlatformFacts | None 
     if env and env != "auto":
         _validate_requested(env, ENV_VAR, facts)
         return Decision(env, f"the environment variable {ENV_VAR}={env} is set.", facts)
+    chosen = facts.program_start_method
+    if chosen in facts.available_methods and chosen != python_default_method(facts):
+        risk = _risks(chosen, facts) if chosen == "fork" else ""
+        return Decision(
+            chosen,
+            f"the program chose {chosen!r} with multiprocessing.set_start_method()"
+            + (f"; fork here: {risk}" if risk else "."),
+            facts,
+        )
 
     if facts.gil_disabled:
         return Decision(

@@ -28,6 +28,7 @@ from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
 from ._shared_data import SHARE_THRESHOLD, DatasetSharer
+from ._stall import DEFAULT_STALL_TIMEOUT
 
 __all__ = ["OrderedPool"]
 
@@ -91,16 +92,28 @@ class OrderedPool:
             (loading the dataset), whichever is later.
         worker_init_fn (Callable[[int], None] | None): called once in each worker with its id,
             after seeding, before the first batch (default: None).
-        seed (int | None): base seed; each worker derives its own from ``(seed, worker id)``
-            and seeds ``random`` and ``numpy.random`` (legacy global RNG) with it in worker
-            processes (default: None, a fresh random seed per pool).
+        seed (int | None): base seed (default: None, a fresh random seed per pool). Each
+            worker derives its own from ``(seed, worker id)`` and seeds ``random`` and
+            ``numpy.random`` (legacy global RNG) with it in worker processes. With an explicit
+            seed, worker processes also reseed both before every batch from
+            ``(seed, pass, index)``, so the batch for index ``i`` in pass ``p`` is the same
+            whatever the worker count or start method; :func:`compatmp.batch_rng` gives a
+            ``numpy.random.Generator`` seeded that way, in threads too. A pass is one
+            :meth:`imap` call (see its ``pass_number``); NOTE [ Per-batch seeds ] in
+            :mod:`compatmp._seeds`.
+        stall_timeout (float | None): seconds without a batch, while one is awaited, before
+            a WARNING on the ``"compatmp"`` logger names the worker's pid, the index it is
+            computing and its Python stack; repeated every ``stall_timeout`` while the wait
+            goes on, which it does (``timeout`` ends it). 0 or None disables it (default:
+            60). NOTE [ Stall reports ] in :mod:`compatmp._stall`.
 
     Raises:
         TypeError: ``dataset`` lacks ``__len__``/``__getitem__``; ``worker_init_fn`` is not
             callable; ``workers``, ``max_queue_size`` or ``seed`` is not an ``int``, or
-            ``timeout`` not a number (checks in :mod:`compatmp._args`).
-        ValueError: ``workers``, ``max_queue_size``, ``timeout`` or ``seed`` is out of range
-            (``timeout`` must be finite).
+            ``timeout``/``stall_timeout`` not a number (checks in :mod:`compatmp._args`).
+        ValueError: ``workers``, ``max_queue_size``, ``timeout``, ``stall_timeout`` or
+            ``seed`` is out of range (durations must be finite; ``timeout`` > 0,
+            ``stall_timeout`` >= 0).
         StartMethodError: ``start_method`` is unknown or unavailable on this platform.
     """
 
@@ -114,11 +127,13 @@ class OrderedPool:
         timeout: float | None = None,
         worker_init_fn: Callable[[int], Any] | None = None,
         seed: int | None = None,
+        stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         _check_dataset(dataset)
         self._workers = check_workers(workers)
         self._max_queue_size = check_max_queue_size(max_queue_size)
         self._timeout = check_seconds(timeout, "timeout")
+        stall = check_seconds(stall_timeout, "stall_timeout", allow_zero=True) or None
         if worker_init_fn is not None and not callable(worker_init_fn):
             raise TypeError(
                 f"worker_init_fn must be a callable taking the worker id, or None; got "
@@ -171,7 +186,10 @@ class OrderedPool:
             init_payload,
             self._seed,
             sharer=self._sharer,
+            seed_batches=seed is not None,
+            stall_timeout=stall,
         )
+        self._passes = 0  # imap() calls so far: the default pass number of the next one
         self._finalizer = weakref.finalize(self, self._core.close, "the pool was garbage collected")
 
     # -- properties ----------------------------------------------------------------------------
@@ -211,12 +229,8 @@ class OrderedPool:
         runs when the pool is garbage collected and at interpreter exit. A worker *thread*
         busy in ``dataset[i]`` cannot be stopped: it ends after that batch.
         """
-        active = self._active() if self._active is not None else None
-        if active is not None:
-            try:
-                active.close()
-            except ValueError:  # close() called from inside the iteration
-                pass
+        # A running imap is not closed here: resumed, it raises RuntimeError (it must not end
+        # quietly as if complete when another thread closed the pool half-way).
         self._finalizer()
 
     def _check_open(self) -> None:
@@ -227,21 +241,30 @@ class OrderedPool:
 
     # -- iteration -----------------------------------------------------------------------------
 
-    def imap(self, indices: Iterable[Any]) -> Iterator[Any]:
+    def imap(self, indices: Iterable[Any], *, pass_number: int | None = None) -> Iterator[Any]:
         """Yield ``dataset[i]`` for each ``i`` in ``indices``, in that order.
 
         Up to ``max_queue_size`` batches are computed ahead by the workers. Starting a new
-        ``imap`` abandons an unfinished previous one (its pending batches are discarded). If
-        the consumer stops early, pending batches are discarded and the pool stays usable.
+        ``imap`` abandons an unfinished previous one (its pending batches are discarded; it
+        ends, as if exhausted, when next resumed). Calling ``imap`` while another thread is
+        inside the previous one's ``next()`` is refused (RuntimeError). If the consumer stops
+        early, pending batches are discarded and the pool stays usable. If the pool is closed
+        (e.g. by another thread) before the iteration is complete, the next ``next()`` raises
+        RuntimeError instead of ending quietly.
 
         Args:
             indices (Iterable): batch indices (small picklable objects, usually ints).
+            pass_number (int | None): the pass these batches belong to, for per-batch seeds
+                (NOTE [ Per-batch seeds ] in :mod:`compatmp._seeds`), e.g. the epoch
+                (default: None, one more than the previous ``imap``'s pass; 0 for the
+                first ``imap`` of the pool, so 0, 1, 2, ... for one ``imap`` per epoch).
 
         Returns:
             Iterator: the batches, in the order of ``indices``.
 
         Raises:
-            RuntimeError: the pool is closed.
+            RuntimeError: the pool is closed (also when closed during the iteration), or
+                another thread is inside a previous ``imap`` of this pool.
             Exception: whatever ``dataset[i]`` raised in a worker, same type, with the
                 worker's traceback as ``__cause__`` (a RuntimeError if the type cannot be
                 pickled). The pool is shut down first.
@@ -249,14 +272,29 @@ class OrderedPool:
             WorkerTimeoutError: a batch took longer than ``timeout`` seconds.
         """
         self._check_open()
+        if pass_number is not None:
+            check_int(pass_number, "pass_number", 0, "Or pass None to count imap() calls.")
         previous = self._active() if self._active is not None else None
         if previous is not None:
-            previous.close()
-        gen = self._imap(iter(indices))
+            refusal = RuntimeError(
+                "OrderedPool.imap() was called while another imap() of this pool is running "
+                "in another thread; one pool serves one stream at a time. Use one pool per "
+                "thread, or guard the pool with a lock."
+            )
+            if previous.gi_running:
+                raise refusal
+            try:
+                previous.close()
+            except ValueError as exc:  # "generator already executing": it just started
+                raise refusal from exc
+        if pass_number is None:
+            pass_number = self._passes
+        self._passes = max(self._passes, pass_number) + 1
+        gen = self._imap(iter(indices), pass_number)
         self._active = weakref.ref(gen)
         return gen
 
-    def _imap(self, it: Iterator[Any]) -> Iterator[Any]:
+    def _imap(self, it: Iterator[Any], pass_number: int) -> Iterator[Any]:
         core = self._core
         mine: collections.deque[int] = collections.deque()
         exhausted = False
@@ -273,21 +311,21 @@ class OrderedPool:
                         exhausted = True
                         break
                     try:
-                        mine.append(core.dispatch(index))
+                        mine.append(core.dispatch(index, pass_number))
                     except _PoolClosed:
-                        return
+                        self._closed_while_running(len(mine) + 1)
                 if not mine:
                     if exhausted:
                         return
                     try:
                         core.pump(MAIN_POLL_INTERVAL)  # every worker is full of orphans
                     except _PoolClosed:
-                        return
+                        self._closed_while_running(0)
                     continue
                 try:
                     batch = core.wait_for(mine[0], self._timeout)
                 except _PoolClosed:
-                    return  # close() from another thread ends the stream
+                    self._closed_while_running(len(mine))
                 mine.popleft()
                 yield batch
         except GeneratorExit:
@@ -297,6 +335,13 @@ class OrderedPool:
             raise
         finally:
             core.forget(mine)
+
+    def _closed_while_running(self, pending: int) -> None:
+        raise RuntimeError(
+            f"the OrderedPool was closed while imap() was running ({self._core.close_reason}); "
+            f"{pending} requested batch(es) and any later indices were not delivered. Close "
+            "the pool only after the iteration, or stop iterating first."
+        )
 
     # -- dataset state -------------------------------------------------------------------------
 

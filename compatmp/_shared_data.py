@@ -64,7 +64,6 @@ import io
 import itertools
 import mmap
 import os
-import secrets
 import sys
 import threading
 import types
@@ -319,13 +318,7 @@ class DatasetSharer:
         free = _shm._shm_free_bytes()
         if free is not None and raw.nbytes + _shm._SHM_HEADROOM > free:
             return None
-        while True:
-            name = self.prefix + secrets.token_hex(_shm._BLOCK_TOKEN_BYTES)
-            try:
-                block = SharedMemory(name=name, create=True, size=raw.nbytes)
-                break
-            except FileExistsError:  # pragma: no cover - 2**32 tokens; draw another
-                continue
+        block = _shm.create_block(self.prefix, raw.nbytes)
         try:
             block.buf[: raw.nbytes] = raw
         except BaseException:

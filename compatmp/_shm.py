@@ -40,9 +40,16 @@ it, except after a crash:
    an unlinked block lives until its last mapping is closed (on Windows, its last handle),
    and the main process closes its handle when the last such array is garbage.
 4. A worker killed with SIGKILL (OOM killer, segfault) cannot. Block names start with a
-   per-pool prefix holding the main process id (:func:`block_prefix`), so the pool's
-   ``close()`` finds and unlinks them with :func:`sweep` where the OS lists shared memory as
-   files (``/dev/shm`` on Linux).
+   per-pool prefix holding the main process id and a 64-bit random pool token
+   (:func:`block_prefix`, :func:`pool_token`), so the pool's ``close()`` finds and unlinks them
+   with :func:`sweep` where the OS lists shared memory as files (``/dev/shm`` on Linux).
+5. When the main process itself is killed with its workers (``os.killpg``, ``timeout -s
+   KILL``, ``docker kill``, Slurm), nobody is left to sweep, and the resource tracker (in the
+   same process group) dies too. So every pool start-up first runs :func:`sweep_dead_owners`:
+   it unlinks blocks whose owner (the pid in the name) is gone, or is a recycled pid (a
+   process that started after the block was made). See "Shared memory on each OS" in
+   docs/architecture.md for what each OS guarantees and why blocks are named, not passed as
+   file descriptors.
 
 Resource tracker (bpo-38119, python/cpython#82300): ``SharedMemory`` registers a block with
 ``multiprocessing``'s resource tracker on create and, before Python 3.13 (or with
@@ -74,7 +81,9 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import secrets
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -91,9 +100,12 @@ __all__ = [
     "BlockPool",
     "ShmArray",
     "block_prefix",
+    "create_block",
     "ensure_tracker",
     "names",
+    "pool_token",
     "sweep",
+    "sweep_dead_owners",
 ]
 
 # Arrays of at least this many bytes travel through shared memory (bytes). Measured per batch
@@ -117,10 +129,70 @@ _SHM_DIR = "/dev/shm"
 _SHM_HEADROOM = 16 * 1024 * 1024
 
 # macOS limits POSIX shared-memory names to 31 characters (PSHMNAMLEN), the leading "/"
-# included. Prefix "cmp" + pid (<= 7 digits) + "_" + pool token (4 hex) + "_" + block token
-# (8 hex) is at most 24 characters plus the slash.
+# included. Prefix "cmp" + pid (<= 7 digits on Linux, <= 5 on macOS) + "_" + pool token
+# (64 random bits in base 36: 13 characters) + "_" is at most 25 characters, which leaves 5 for
+# the block token (base 36, ~26 bits; a collision just draws again). Elsewhere names may be
+# longer (Linux: 255 bytes, NAME_MAX; Windows pids can have 10 digits) and block tokens get 8
+# characters (~41 bits).
 _MAX_NAME_LEN = 30
-_BLOCK_TOKEN_BYTES = 4
+_MIN_BLOCK_TOKEN_CHARS = 5
+_MAX_BLOCK_TOKEN_CHARS = 8
+_POOL_TOKEN_BITS = 64
+
+# A block name made by block_prefix(): "cmp<main pid>_<pool token>_<block token>".
+_NAME_RE = re.compile(r"cmp(\d+)_[0-9a-z]+_[0-9a-z]+\Z")
+
+# A live process whose creation time is later than a block's mtime plus this (seconds) cannot
+# be the block's owner: its pid was recycled. psutil's create_time is exact to a clock tick
+# (10 ms on Linux); the slack only guards against clock adjustments.
+_RECYCLE_SLACK = 1.0
+
+
+def _name_limit() -> int:
+    return _MAX_NAME_LEN if sys.platform == "darwin" else 250
+
+
+def _base36(value: int, width: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = []
+    for _ in range(width):
+        value, r = divmod(value, 36)
+        out.append(digits[r])
+    return "".join(reversed(out))
+
+
+def pool_token() -> str:
+    """A fresh random pool token: 64 random bits as 13 base-36 characters.
+
+    With 64 bits, two live pools collide (and one's sweep would delete the other's blocks)
+    with probability ~2**-64 per pair; a 16-bit token collided once in 65,536 pairs.
+
+    Returns:
+        str: 13 characters from ``[0-9a-z]``.
+    """
+    return _base36(secrets.randbits(_POOL_TOKEN_BITS), 13)
+
+
+def create_block(prefix: str, size: int) -> SharedMemory:
+    """Create a shared-memory block named ``prefix`` + a fresh random base-36 block token.
+
+    The token takes what the name limit leaves (at most 8 characters; at least 5 under
+    macOS's 31, which :func:`block_prefix` guarantees); a name already taken draws again.
+
+    Args:
+        prefix (str): from :func:`block_prefix`.
+        size (int): bytes, > 0.
+
+    Raises:
+        OSError: the system refused the block (e.g. ``/dev/shm`` full or too many files).
+    """
+    width = min(_MAX_BLOCK_TOKEN_CHARS, _name_limit() - len(prefix))
+    while True:
+        name = prefix + _base36(secrets.randbits(6 * width), width)
+        try:
+            return SharedMemory(name=name, create=True, size=size)
+        except FileExistsError:  # pragma: no cover - >= 36**5 tokens; draw another
+            continue
 
 
 @dataclass(frozen=True)
@@ -152,22 +224,27 @@ def block_prefix(main_pid: int, pool_token: str) -> str:
     """The name prefix of every block a pool's workers create.
 
     Args:
-        main_pid (int): process id of the main process (the one owning the pool).
-        pool_token (str): a short token unique to the pool (4 hex characters), so that two
-            pools in one process never sweep each other's blocks.
+        main_pid (int): process id of the main process (the one owning the pool); the
+            start-up sweep (:func:`sweep_dead_owners`) reads it back to tell whether the
+            owner is alive.
+        pool_token (str): a token unique to the pool, from :func:`pool_token` (13 base-36
+            characters), so that two pools never sweep each other's blocks; ``[0-9a-z]``.
 
     Returns:
-        str: e.g. ``"cmp12345_ab12_"``.
+        str: e.g. ``"cmp12345_0k2m9x7c1q3ab_"``.
 
     Raises:
-        ValueError: the prefix would leave no room for block tokens under macOS's 31-character
-            limit on shared-memory names.
+        ValueError: the prefix would leave fewer than 5 characters for block tokens under
+            macOS's 31-character limit on shared-memory names, or the token has characters
+            outside ``[0-9a-z]``.
     """
     prefix = f"cmp{main_pid}_{pool_token}_"
-    if len(prefix) + 2 * _BLOCK_TOKEN_BYTES > _MAX_NAME_LEN:
+    if not re.fullmatch(r"[0-9a-z]+", pool_token):
+        raise ValueError(f"pool token must be lowercase letters and digits; got {pool_token!r}")
+    if len(prefix) + _MIN_BLOCK_TOKEN_CHARS > _MAX_NAME_LEN:
         raise ValueError(
             f"shared-memory prefix {prefix!r} is too long: names must stay under 31 "
-            f"characters on macOS; use a pool token of at most 4 characters"
+            f"characters on macOS; use a pool token of at most 13 characters"
         )
     return prefix
 
@@ -250,12 +327,7 @@ class BlockPool:
             best = min(fits, key=lambda b: b.size)
             self.free.remove(best)
             return best
-        while True:
-            name = self.prefix + secrets.token_hex(_BLOCK_TOKEN_BYTES)
-            try:
-                return SharedMemory(name=name, create=True, size=size)
-            except FileExistsError:  # pragma: no cover - 2**32 tokens; draw another
-                continue
+        return create_block(self.prefix, size)
 
     def allocate(self, shape: tuple[int, ...], dtype: Any, order: str = "C") -> np.ndarray:
         """An array whose memory is a block, for :func:`compatmp.empty` (no copy in encode).
@@ -576,5 +648,64 @@ def sweep(prefix: str) -> list[str]:
         except FileNotFoundError:
             continue
         _unlink(shm)
+        done.append(name)
+    return done
+
+
+def _owner_alive(pid: int, block_mtime: float) -> bool:
+    """True if process ``pid`` runs and can be the owner of a block last changed then."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return proc.create_time() <= block_mtime + _RECYCLE_SLACK
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists but cannot be inspected (another user's): leave it
+        return True
+
+
+def sweep_dead_owners() -> list[str]:
+    """Unlink compatmp blocks whose owning main process is gone (NOTE rule 5).
+
+    A block's owner is the pid in its name (:func:`block_prefix`). It counts as gone when no
+    such process runs, when it is a zombie, or when the process with that pid started more
+    than a second after the block was last changed (its ``st_mtime``): the pid was recycled.
+    Blocks of live owners (this process included) are never touched. Lists ``/dev/shm`` where it
+    exists (Linux); elsewhere finds nothing (macOS and Windows cannot list shared memory, see
+    docs/architecture.md). Blocks are removed with ``os.unlink`` on their ``/dev/shm`` file,
+    which is what ``shm_unlink`` does there, without attaching (the dead owner's resource
+    tracker died with it: there is nothing to unregister). Blocks of other users are skipped.
+
+    Returns:
+        list[str]: names of the blocks unlinked.
+    """
+    try:
+        entries = os.listdir(_SHM_DIR)
+    except OSError:
+        return []
+    verdict: dict[tuple[int, int], bool] = {}
+    done = []
+    for name in sorted(entries):
+        m = _NAME_RE.match(name)
+        if m is None:
+            continue
+        path = os.path.join(_SHM_DIR, name)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            continue
+        pid = int(m.group(1))
+        key = (pid, int(mtime))
+        if key not in verdict:
+            verdict[key] = _owner_alive(pid, mtime)
+        if verdict[key]:
+            continue
+        try:
+            os.unlink(path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
         done.append(name)
     return done

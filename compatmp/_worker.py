@@ -10,7 +10,8 @@ Messages are plain tuples whose first item names the kind. Nothing in them is sp
 
 main -> worker::
 
-    ("task", send_idx, index)          compute dataset[index]
+    ("task", send_idx, index, pass)    compute dataset[index]; pass (int) is the pool's pass
+                                       number, for NOTE [ Per-batch seeds ] (_seeds)
     ("dataset", version, payload)      replace the dataset (pickled bytes, or the object in
                                        thread mode), then answer ("updated", version)
     ("release", send_idx)              the main process no longer uses that batch's
@@ -59,7 +60,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from . import _shm
+from . import _seeds, _shm, _stall
 
 __all__ = [
     "WATCHDOG_INTERVAL",
@@ -169,6 +170,14 @@ def _seed_globals(seed64: int, words: list[int]) -> None:
 
     random.seed(seed64)
     np.random.seed(words)
+
+
+def _enter_batch(config: WorkerConfig, pass_number: int, index: Any) -> None:
+    """Set up the batch context (and, with ``seed=``, reseed a process's globals)."""
+    ctx = _seeds.enter_batch(config.base_seed, pass_number, index, not config.in_process)
+    if config.in_process and config.seed_batches:
+        words = ctx.seed_sequence().generate_state(4)
+        _seed_globals(int(words[0]) | (int(words[1]) << 32), [int(w) for w in words])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +430,10 @@ class WorkerConfig:
             watch (Ray actors: Ray ends an actor whose owner is gone).
         shm_prefix (str | None): block name prefix; None disables shared memory.
         shm_threshold (int): arrays of at least this many bytes use shared memory.
+        seed_batches (bool): reseed ``random`` and NumPy's global RNG before every batch
+            (process workers; NOTE [ Per-batch seeds ]); True when the pool got ``seed=``.
+        stack_file (str | None): where to dump this worker's stack on SIGUSR1 (process
+            workers; NOTE [ Stall reports ] in :mod:`compatmp._stall`); None: no dumps.
     """
 
     worker_id: int
@@ -432,6 +445,8 @@ class WorkerConfig:
     main_pid: int = 0
     shm_prefix: str | None = None
     shm_threshold: int = _shm.SHM_THRESHOLD
+    seed_batches: bool = False
+    stack_file: str | None = None
 
 
 class _MainGone(Exception):
@@ -488,6 +503,8 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
         if hasattr(signal, "pthread_sigmask"):  # born blocked (_launch._sigint_blocked)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if config.stack_file is not None:
+            _stall.install_in_worker(config.stack_file)
     seed64, words = derive_seed(config.base_seed, config.worker_id)
     info = WorkerInfo(config.worker_id, config.num_workers, seed64)
     if config.in_process:
@@ -521,6 +538,7 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
             blocks.close()  # NOTE [ Shared-memory ownership ], rule 3
         if not config.in_process:
             _thread_info.info = None
+            _seeds.leave_thread()
         channel.close()
 
 
@@ -549,7 +567,8 @@ def _loop(
             return
         kind = msg[0]
         if kind == TASK:
-            _run_task(channel, config, dataset, msg[1], msg[2], blocks)
+            pass_number = msg[3] if len(msg) > 3 else 0
+            _run_task(channel, config, dataset, msg[1], msg[2], blocks, pass_number)
         elif kind == DATASET:
             try:
                 dataset = _materialize(msg[2], config.in_process)
@@ -575,9 +594,11 @@ def _run_task(
     send_idx: int,
     index: Any,
     blocks: _shm.BlockPool | None,
+    pass_number: int = 0,
 ) -> None:
     by_reference = not config.in_process
     try:
+        _enter_batch(config, pass_number, index)
         batch = dataset[index]
         if blocks is not None:
             batch = blocks.encode(batch, send_idx)

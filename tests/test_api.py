@@ -24,6 +24,7 @@ PUBLIC = {
     "WorkerInfo",
     "WorkerTimeoutError",
     "available_methods",
+    "batch_rng",
     "decide_start_method",
     "diagnose",
     "dumps",

@@ -66,10 +66,13 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 
 # Seconds from the event (kill, segfault, failed allocation) to the exception leaving
-# compatmp.fit: the issue's requirement. Measured on the shared 2-core box at load 3.9:
-# 0.12-0.43 s over 3 runs x 3 methods x 3 kinds (detection is immediate through the worker's
-# sentinel; the rest is pool shutdown and Keras unwinding).
-CRASH_DEADLINE = 5.0
+# compatmp.fit: a "no hang" bound, far above normal so that a loaded CI machine does not fail
+# it (issue 12 item 6: with three CPU burners beside the suite, 8.6 s were seen against the
+# old 5 s). Measured on the shared 2-core box at load 3.9: 0.12-0.43 s over 3 runs x 3
+# methods x 3 kinds (detection is immediate through the worker's sentinel; the rest is pool
+# shutdown and Keras unwinding). The latency itself is measured by the benchmark:
+# ``python -m compatmp.bench.latency``.
+CRASH_DEADLINE = 30.0
 
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="POSIX only: signals, file descriptors")
 LINUX_ONLY = pytest.mark.skipif(
@@ -664,7 +667,7 @@ def test_failed_fits_give_back_their_threads(method):
     baseline = _resources()
     for _ in range(3):
         failing_fit()
-    assert _settled(baseline, timeout=1.0) == baseline
+    assert _settled(baseline) == baseline
 
 
 # --------------------------------------------------------------------------------------------

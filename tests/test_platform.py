@@ -127,6 +127,44 @@ def test_env_var_overrides_auto(monkeypatch):
     assert ENV_VAR in d.reason
 
 
+def test_program_start_method_is_respected_by_auto():
+    # Issue 12 item 4: multiprocessing.set_start_method("spawn") in the program wins over
+    # compatmp's own choice (fork here), and the reason says so.
+    d = decide_start_method(facts=LINUX_312.with_(program_start_method="spawn"))
+    assert d.method == "spawn"
+    assert "set_start_method" in d.reason
+
+
+def test_program_asking_for_fork_gets_fork_even_where_unsafe_with_the_risk_named():
+    facts = LINUX_312.with_(
+        python_version=(3, 14, 0), program_start_method="fork", tf_eager_initialized=True
+    )
+    d = decide_start_method(facts=facts)
+    assert d.method == "fork"
+    assert "set_start_method" in d.reason and "TensorFlow" in d.reason
+
+
+def test_python_default_fixed_implicitly_does_not_count_as_a_request():
+    # multiprocessing fixes its context to the default on first use (e.g. a Lock()); that
+    # cannot be told apart from set_start_method("fork"), so unsafe fork is still refused.
+    facts = LINUX_312.with_(program_start_method="fork", tf_eager_initialized=True)
+    assert decide_start_method(facts=facts).method == "forkserver"
+
+
+def test_program_start_method_read_from_multiprocessing():
+    code = (
+        "import multiprocessing as mp, compatmp\n"
+        "mp.set_start_method('spawn')\n"
+        "print(compatmp.decide_start_method().method)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "spawn"
+
+
 def test_explicit_argument_beats_env_var(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "spawn")
     assert decide_start_method("fork", facts=LINUX_312).method == "fork"

@@ -12,7 +12,9 @@ Modules, by job:
 * ``loaders``: each library's loader driven the way that library is used, and timed;
 * ``runner``: one configuration per fresh child process, and its workers' peak memory;
 * ``report``: rows, ``x serial`` ratios, the issue's targets, Markdown tables, plot;
-* ``cli``: the configurations, the rounds, and :func:`main`.
+* ``cli``: the configurations, the rounds, and :func:`main`;
+* ``latency``: ``python -m compatmp.bench.latency``, how quickly a killed, stuck or stalled
+  worker is noticed (the unit tests only assert "no hang" bounds).
 """
 
 from __future__ import annotations

@@ -1,0 +1,297 @@
+"""Issue 12: nothing leaks after a kill, nothing hangs on a stuck worker, nothing surprises."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+from hardening_helpers import BigBatches, ClosesItsPool, RandomDataset, StuckAt
+from pool_datasets import (
+    PROCESS_METHODS,
+    SlowDataset,
+    pid_alive,
+    shm_entries,
+    worker_processes,
+)
+
+import compatmp
+from compatmp import _shm
+from compatmp._pool import OrderedPool
+from compatmp._seeds import batch_seed_sequence
+
+pytestmark = pytest.mark.usefixtures("no_leaked_workers")
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: per-batch seeds
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_passes(method: str, workers: int, seed: int) -> list[list[tuple]]:
+    ds = RandomDataset()
+    with OrderedPool(ds, workers=workers, start_method=method, seed=seed) as pool:
+        return [list(pool.imap(range(len(ds)))) for _ in range(2)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_same_seed_same_batches_whatever_the_worker_count(method):
+    runs = {w: _two_passes(method, w, seed=1234) for w in (1, 2, 3)}
+    assert runs[1] == runs[2] == runs[3]
+    first, second = runs[1]
+    assert [b[0] for b in first] == list(range(24))
+    # Passes differ, and every RNG (random, numpy global, batch_rng) is reseeded per batch.
+    for k in (1, 2, 3):
+        assert [b[k] for b in first] != [b[k] for b in second]
+        assert len({b[k] for b in first}) == 24
+
+
+@pytest.mark.timeout(300)
+def test_same_seed_same_batches_whatever_the_start_method():
+    runs = [_two_passes(m, 2, seed=99) for m in PROCESS_METHODS]
+    assert all(r == runs[0] for r in runs)
+    assert _two_passes(PROCESS_METHODS[0], 2, seed=100) != runs[0]
+
+
+@pytest.mark.timeout(120)
+def test_threads_get_the_same_batch_rng_numbers_as_processes():
+    procs = _two_passes(PROCESS_METHODS[0], 2, seed=5)
+    threads = _two_passes("thread", 3, seed=5)
+    for p, t in zip(procs, threads, strict=True):
+        assert [b[3] for b in p] == [b[3] for b in t]
+
+
+def test_batch_rng_outside_workers_follows_numpy_global_seed():
+    import numpy as np
+
+    np.random.seed(3)
+    a = compatmp.batch_rng().random()
+    np.random.seed(3)
+    assert compatmp.batch_rng().random() == a
+
+
+def test_batch_seed_sequence_depends_on_seed_pass_and_index_only():
+    def state(*args):
+        return tuple(batch_seed_sequence(*args).generate_state(2))
+
+    assert state(1, 0, 5) == state(1, 0, 5)
+    assert len({state(1, 0, 5), state(2, 0, 5), state(1, 1, 5), state(1, 0, 6)}) == 4
+    assert state(1, 0, (0, 5)) != state(1, 0, (1, 5))  # Keras feeder keys (part, index)
+    assert state(1, 0, "a") == state(1, 0, "a")
+
+
+@pytest.mark.timeout(120)
+def test_explicit_pass_number_gives_the_same_batches_again():
+    with OrderedPool(RandomDataset(), workers=2, start_method="thread", seed=8) as pool:
+        a = list(pool.imap(range(6), pass_number=4))
+        b = list(pool.imap(range(6)))  # pass 5
+        c = list(pool.imap(range(6), pass_number=4))
+
+    def rng(batches):  # threads: only batch_rng() is seeded per batch
+        return [x[3] for x in batches]
+
+    assert rng(a) == rng(c)
+    assert rng(a) != rng(b)
+    with pytest.raises(ValueError, match="pass_number must be >= 0"):
+        OrderedPool(RandomDataset(), workers=1, start_method="thread").imap([0], pass_number=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 4: pool edges
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", [PROCESS_METHODS[0], "thread"])
+def test_close_from_another_thread_between_batches_makes_imap_raise(method):
+    with OrderedPool(RandomDataset(50), workers=2, start_method=method) as pool:
+        it = pool.imap(range(50))
+        got = [next(it) for _ in range(5)]
+        closer = threading.Thread(target=pool.close)
+        closer.start()
+        closer.join(30)
+        with pytest.raises(RuntimeError, match="closed while imap"):
+            got.extend(it)
+    assert len(got) == 5
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_imap_from_another_thread_is_refused_clearly():
+    with OrderedPool(SlowDataset(4, slow=0, seconds=2.0), workers=1, start_method="thread") as pool:
+        consumer = threading.Thread(target=lambda: list(pool.imap(range(4))))
+        consumer.start()
+        time.sleep(0.5)  # the consumer waits inside next() for batch 0
+        with pytest.raises(RuntimeError, match="another imap"):
+            pool.imap(range(4))
+        consumer.join(30)
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_thread_pool_from_its_own_worker_thread_does_not_join_itself():
+    ds = ClosesItsPool()
+    pool = OrderedPool(ds, workers=2, start_method="thread")
+    ds.pool = pool
+    with pytest.raises(RuntimeError, match="closed while imap"):
+        list(pool.imap(range(4)))
+    assert ds.errors == []
+    assert pool.closed
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 1: no block outlives its owner
+# ---------------------------------------------------------------------------------------------
+
+needs_dev_shm = pytest.mark.skipif(
+    not os.path.isdir("/dev/shm"), reason="this OS cannot list shared memory"
+)
+
+_HOLDER_SCRIPT = """
+import sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp._pool import OrderedPool
+
+held = []
+for _ in range(3):
+    pool = OrderedPool(BigBatches(), workers=2, start_method={method!r})
+    it = pool.imap(range(1000))
+    held.append((pool, it, [next(it) for _ in range(4)]))
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+@needs_dev_shm
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
+    script = _HOLDER_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as under `timeout -s KILL`
+    )
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        group = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(shm_entries(proc.pid)) >= 3  # 3 pools held batches; nobody cleaned up
+    with OrderedPool(BigBatches(), workers=1, start_method=method) as pool:
+        assert next(pool.imap([0]))[0][0, 0] == 0
+    assert shm_entries(proc.pid) == []
+
+
+def _fake_block(owner: int, mtime: float) -> str:
+    name = _shm.block_prefix(owner, _shm.pool_token()) + "zzzzz"
+    path = os.path.join("/dev/shm", name)
+    with open(path, "wb") as f:
+        f.write(b"x")
+    os.utime(path, (mtime, mtime))
+    return name
+
+
+@needs_dev_shm
+def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
+    parent = psutil.Process(os.getppid())
+    started = parent.create_time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    live = _fake_block(parent.pid, time.time())
+    recycled = _fake_block(parent.pid, started - 3600)  # made before that process existed
+    gone = _fake_block(dead.pid, time.time())
+    try:
+        swept = _shm.sweep_dead_owners()
+        assert recycled in swept and gone in swept
+        assert live not in swept
+        assert os.path.exists(os.path.join("/dev/shm", live))
+    finally:
+        for name in (live, recycled, gone):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: a stuck worker is reported, and with timeout= it ends the wait
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", [*PROCESS_METHODS, "thread"])
+def test_stall_warning_names_pid_index_and_the_stuck_frame(method, caplog):
+    caplog.set_level(logging.WARNING, logger="compatmp")
+    ds = StuckAt(10, stuck=6, seconds=6.0)
+    with OrderedPool(ds, workers=2, start_method=method, stall_timeout=1.5) as pool:
+        assert list(pool.imap(range(10))) == list(range(10))  # it kept waiting
+        pids = {h.pid for h in pool._core.handles}
+    stalls = [r.getMessage() for r in caplog.records if "no batch for" in r.getMessage()]
+    assert stalls, caplog.text
+    text = stalls[0]
+    assert "waiting for the batch at index 6" in text and "computing index 6" in text
+    assert "stuck_here" in text  # the frame the worker is stuck in
+    if method == "thread":
+        assert f"pid {os.getpid()}" in text
+    else:
+        assert any(f"(pid {pid})" in text for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_stall_timeout_zero_or_none_disables_it(caplog):
+    caplog.set_level(logging.WARNING, logger="compatmp")
+    for off in (0, None):
+        with OrderedPool(
+            SlowDataset(2, slow=0, seconds=0.5), workers=1, start_method="thread", stall_timeout=off
+        ) as pool:
+            assert pool._core.stall_timeout is None
+            list(pool.imap(range(2)))
+    assert "no batch for" not in caplog.text
+    with pytest.raises(ValueError, match="stall_timeout must be None"):
+        OrderedPool(SlowDataset(1, 0, 0), workers=1, stall_timeout=-1)
+    with pytest.raises(TypeError, match="stall_timeout must be None or a number"):
+        OrderedPool(SlowDataset(1, 0, 0), workers=1, stall_timeout="60")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_stuck_worker_with_timeout_raises_naming_the_index_and_leaves_no_worker(method):
+    ds = StuckAt(12, stuck=6, seconds=600)
+    pool = OrderedPool(ds, workers=2, start_method=method, timeout=5)
+    workers = worker_processes()
+    started = time.monotonic()
+    got = []
+    with pytest.raises(compatmp.WorkerTimeoutError, match="index 6") as info:
+        got.extend(pool.imap(range(12)))
+    # "Within 15 s" is the issue's target on an idle machine; the measured latency goes to the
+    # benchmark. Here only the no-hang bound (house rule: >= 30 s).
+    assert time.monotonic() - started < 30
+    assert info.value.index == 6
+    assert got == list(range(6))
+    assert pool.closed
+    assert not [pid for pid, _ in workers if pid_alive(pid)]
+
+
+@pytest.mark.timeout(120)
+def test_latency_benchmark_measures_every_kind():
+    from compatmp.bench import latency
+
+    results = latency.measure([PROCESS_METHODS[0]], repeats=1)
+    assert sorted(kind for kind, _ in results) == ["crash", "stall", "timeout"]
+    assert all(len(v) == 1 and v[0] >= -0.5 for v in results.values())
