@@ -39,6 +39,7 @@ from typing import Any
 import cloudpickle
 
 from ._exceptions import SerializationError
+from ._keras_image import image_iterator_reduce
 from ._standin import PyDatasetStandIn, keras_pydataset
 
 __all__ = [
@@ -275,7 +276,8 @@ def _reduce_by_type(obj: Any) -> Any:
         return _simple_queue_reduce(obj)
     if isinstance(obj, _FILE_TYPES):
         return _file_reduce(obj)
-    return NotImplemented
+    # Keras' ImageDataGenerator iterators, without their unused generator attribute.
+    return image_iterator_reduce(obj)
 
 
 class CompatPickler(cloudpickle.Pickler):
