@@ -2,8 +2,8 @@
 
 The seed case of issue 10: a Keras 2 ``Sequence`` subclass holding a ``threading.Lock``, as
 written for ``model.fit(seq, workers=4, use_multiprocessing=True)`` - the class that fails with
-"cannot pickle '_thread.lock'" under spawn. Imports ``tf_keras`` (Keras 2) lazily, like
-keras_datasets.pydataset_class.
+"cannot pickle '_thread.lock'" under spawn. Imports Keras 2 (``tf_keras``, or TensorFlow
+2.15's built-in Keras) lazily, like keras_datasets.pydataset_class.
 """
 
 from __future__ import annotations
@@ -15,6 +15,22 @@ import numpy as np
 from keras_datasets import ArrayDataset
 
 _LOCK = threading.Lock()
+
+
+def keras2_module() -> Any:
+    """The Keras 2 package here: ``tf_keras``, else TensorFlow <= 2.15's ``keras`` 2.x, else
+    None. Imports it."""
+    try:
+        import tf_keras
+
+        return tf_keras
+    except ImportError:
+        pass
+    try:
+        import keras
+    except ImportError:
+        return None
+    return keras if keras.__version__.startswith("2.") else None
 
 
 def sequence_class() -> type:
@@ -29,9 +45,9 @@ def __getattr__(name: str) -> Any:
     with _LOCK:
         cls = globals().get(name)
         if cls is None:
-            import tf_keras
+            k2 = keras2_module()
 
-            class LockedSequence(ArrayDataset, tf_keras.utils.Sequence):
+            class LockedSequence(ArrayDataset, k2.utils.Sequence):
                 def __init__(self, *args: Any, **kwargs: Any) -> None:
                     ArrayDataset.__init__(self, *args, **kwargs)
                     self.lock = threading.Lock()  # what plain Keras 2 cannot pickle

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 import keras_datasets as kd  # noqa: E402
 

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 import keras_datasets as kd  # noqa: E402
 
