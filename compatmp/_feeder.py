@@ -81,19 +81,21 @@ _TRAIN, _VALIDATION = 0, 1
 # Batch structure
 
 
-def _structure(obj: object) -> str:
-    """Describe a batch's nesting and array ranks, ignoring sizes and dtypes."""
+def _structure(obj: object, ranks: bool = True) -> str:
+    """Describe a batch's nesting and (if ``ranks``) array ranks, ignoring sizes and dtypes."""
     if isinstance(obj, collections.abc.Mapping):
-        items = ", ".join(f"{k!r}: {_structure(obj[k])}" for k in sorted(obj, key=repr))
+        items = ", ".join(f"{k!r}: {_structure(obj[k], ranks)}" for k in sorted(obj, key=repr))
         return "{" + items + "}"
     if isinstance(obj, tuple):
-        inner = ", ".join(_structure(v) for v in obj)
+        inner = ", ".join(_structure(v, ranks) for v in obj)
         return f"({inner},)" if len(obj) == 1 else f"({inner})"
     if isinstance(obj, list):
-        return "[" + ", ".join(_structure(v) for v in obj) + "]"
+        return "[" + ", ".join(_structure(v, ranks) for v in obj) + "]"
     if obj is None:
         return "None"
     shape = getattr(obj, "shape", None)
+    if shape is not None and not ranks:
+        return "array"
     if shape is not None:
         try:
             return f"array(rank {len(shape)})"
@@ -103,14 +105,23 @@ def _structure(obj: object) -> str:
 
 
 class _StructureCheck:
-    """Remember the first batch's structure; raise ValueError when a later batch differs."""
+    """Remember the first batch's structure; raise ValueError when a later batch differs.
 
-    def __init__(self, what: str) -> None:
+    Args:
+        what (str): the dataset's name in messages.
+        ranks (bool): compare array ranks too (default: True). TensorFlow fixes the ranks in
+            the ``tf.data`` signature from the first batches, so a later rank change fails
+            there (with a less clear error); Keras 3 on JAX and torch trains on it, so the
+            wrappers pass False for those backends.
+    """
+
+    def __init__(self, what: str, ranks: bool = True) -> None:
         self.what = what
+        self.ranks = ranks
         self.first: tuple[object, str] | None = None
 
     def __call__(self, batch: object, index: object) -> None:
-        found = _structure(batch)
+        found = _structure(batch, self.ranks)
         if self.first is None:
             self.first = (index, found)
             return
@@ -120,7 +131,8 @@ class _StructureCheck:
                 f"the batch structure changed: {self.what}[{index!r}] returned {found}, but "
                 f"{self.what}[{first_index!r}] returned {expected}. Every batch must have the "
                 "same structure - (x,), (x, y) or (x, y, sample_weight) with the same nesting "
-                "and array ranks; only the batch size may differ (e.g. a smaller last batch)."
+                + ("and array ranks" if self.ranks else "")
+                + "; only array sizes may differ (e.g. a smaller last batch)."
             )
 
 
@@ -229,16 +241,25 @@ class _Feeder:
             ``PyDatasetAdapter._infinite_generator``.
         shuffle (bool): shuffle the batch order per pass like Keras' ``fit(shuffle=True)``.
         what (str): name used in error messages ("x", "validation_data").
+        ranks (bool): the structure check compares array ranks (default: True; see
+            :class:`_StructureCheck`).
     """
 
     def __init__(
-        self, dataset: object, source: _Source, length: int | None, *, shuffle: bool, what: str
+        self,
+        dataset: object,
+        source: _Source,
+        length: int | None,
+        *,
+        shuffle: bool,
+        what: str,
+        ranks: bool = True,
     ) -> None:
         self.dataset = dataset
         self.source = source
         self.length = length
         self.shuffle = shuffle
-        self.check = _StructureCheck(what)
+        self.check = _StructureCheck(what, ranks)
         self.error: BaseException | None = None
         self.restarts = 0  # streams started somewhere other than where the last one stood
         self._lock = source.lock

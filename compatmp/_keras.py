@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -132,6 +133,7 @@ class _Call:
                 loader[name] = kwargs.pop(name)
         self.kwargs = kwargs
         self.flavour = keras_flavour(model) or (3, "keras")
+        self.ranks = self.flavour[0] == 2 or _keras3_backend() == "tensorflow"
         self.kind = classify(x)
         self.loader = Loader.resolve(x, **loader)
         self.validation = kwargs.get("validation_data") if fn == "fit" else None
@@ -173,6 +175,15 @@ class _Call:
         return self.kind == "keras" and not self.datasets
 
 
+def _keras3_backend() -> str | None:
+    """Keras 3's backend name, if Keras is imported (the model's Keras always is)."""
+    keras = sys.modules.get("keras")
+    try:
+        return keras.backend.backend()  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+
+
 def _log_passthrough(fn: str) -> None:
     global _passthrough_logged
     if not _passthrough_logged:
@@ -195,7 +206,7 @@ def _prepare(session: _Session, call: _Call, x: object, shuffle: bool) -> tuple[
     if call.kind != "generator":
         return keras_x, keras_val
 
-    check = _StructureCheck("generator item")
+    check = _StructureCheck("generator item", call.ranks)
     if loader.workers == 0:
         return _checked_generator(x, check, session.generator_errors), keras_val  # type: ignore[arg-type]
     if loader.start_method != "thread":
@@ -264,6 +275,7 @@ def _dataset_proxies(session: _Session, call: _Call, shuffle: bool) -> list[Any]
             length,
             shuffle=shuffle and name == "x" and length is not None,
             what=what,
+            ranks=call.ranks,
         )
         session.feeders.append(feeder)
         proxies.append(proxy_cls(feeder))
