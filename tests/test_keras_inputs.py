@@ -308,3 +308,14 @@ def test_open_pool_passes_the_options_to_ordered_pool():
     with ck._open_pool(kd.ArrayDataset(), loader, 1, "thread") as pool:
         assert isinstance(pool, OrderedPool)
         assert pool._timeout == 5.0 and pool._seed == 2 and pool._max_queue_size == 3
+
+
+@pytest.mark.timeout(120)
+def test_torch_dataloader_goes_to_model_fit_unchanged(no_pool):
+    torch = pytest.importorskip("torch")
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y)), batch_size=8
+    )
+    expected = tiny_model().fit(loader, epochs=2, verbose=0)
+    got = compatmp.fit(tiny_model(), loader, epochs=2, verbose=0)
+    assert_same_history(got, expected)
