@@ -1,10 +1,12 @@
 """``compatmp.fit`` / ``evaluate`` / ``predict``: Keras training with compatmp workers.
 
-The public wrappers: they check and classify the inputs (all before any worker starts), start
-one :class:`~compatmp._pool.OrderedPool` for the whole call (training and validation share it),
-hand Keras the proxies from :mod:`compatmp._feeder`, and stop every worker when the call ends,
-however it ends. How Keras asks for batches, and how the feeder answers, is described in
-:mod:`compatmp._feeder`: NOTE [ How Keras 3 drives a PyDataset ] and
+The public wrappers: they bind and check the arguments and classify the inputs
+(:mod:`compatmp._fitargs`, all before any worker starts), pass data Keras loads itself to
+Keras unchanged, start one :class:`~compatmp._pool.OrderedPool` for the whole call (training
+and validation share it), hand Keras the proxies from :mod:`compatmp._feeder` (Keras 3) or
+:mod:`compatmp._keras2` (Keras 2, chosen from the model), and stop every worker when the call
+ends, however it ends. How Keras asks for batches, and how the feeder answers, is described in
+NOTE [ How Keras 3 drives a PyDataset ], NOTE [ How Keras 2 drives a Sequence ] and
 NOTE [ One pool for training and validation ].
 
 Nothing here runs at ``import compatmp``: Keras is imported inside functions.
