@@ -5,7 +5,7 @@ the pool and calls Keras; everything that depends on how Keras asks for batches 
 Flavour-independent pieces: the batch structure check (:class:`_StructureCheck`), where
 batches come from (:class:`_Source`, :class:`_PoolState`, :class:`_TrainAndValidation`) and
 the generator feed. Keras 3 flavour: :class:`_Feeder` and the ``keras.utils.PyDataset`` proxy
-(:func:`_proxy_class`); a feeder for another Keras version goes beside them.
+(:func:`_keras3_proxy_class`); Keras 2's proxy is in :mod:`compatmp._keras2`.
 
 One :class:`~compatmp._pool.OrderedPool` serves the whole call; Keras only ever sees a thin
 ``keras.utils.PyDataset`` proxy with ``workers=1`` and ``use_multiprocessing=False``, so
@@ -60,7 +60,7 @@ would only double the start-up cost - importing Keras/TensorFlow in each spawned
 ~4-6 s and ~500 MB here - for workers that sit idle most of the time.
 
 Nothing here runs at ``import compatmp``: Keras is imported inside functions and the proxy
-class is built on first use (:func:`_proxy_class`).
+class is built on first use (:func:`_keras3_proxy_class`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ import functools
 import itertools
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 #: Parts of a :class:`_TrainAndValidation`: tasks on a shared pool are ``(part, index)``.
@@ -81,19 +81,21 @@ _TRAIN, _VALIDATION = 0, 1
 # Batch structure
 
 
-def _structure(obj: object) -> str:
-    """Describe a batch's nesting and array ranks, ignoring sizes and dtypes."""
+def _structure(obj: object, ranks: bool = True) -> str:
+    """Describe a batch's nesting and (if ``ranks``) array ranks, ignoring sizes and dtypes."""
     if isinstance(obj, collections.abc.Mapping):
-        items = ", ".join(f"{k!r}: {_structure(obj[k])}" for k in sorted(obj, key=repr))
+        items = ", ".join(f"{k!r}: {_structure(obj[k], ranks)}" for k in sorted(obj, key=repr))
         return "{" + items + "}"
     if isinstance(obj, tuple):
-        inner = ", ".join(_structure(v) for v in obj)
+        inner = ", ".join(_structure(v, ranks) for v in obj)
         return f"({inner},)" if len(obj) == 1 else f"({inner})"
     if isinstance(obj, list):
-        return "[" + ", ".join(_structure(v) for v in obj) + "]"
+        return "[" + ", ".join(_structure(v, ranks) for v in obj) + "]"
     if obj is None:
         return "None"
     shape = getattr(obj, "shape", None)
+    if shape is not None and not ranks:
+        return "array"
     if shape is not None:
         try:
             return f"array(rank {len(shape)})"
@@ -103,14 +105,23 @@ def _structure(obj: object) -> str:
 
 
 class _StructureCheck:
-    """Remember the first batch's structure; raise ValueError when a later batch differs."""
+    """Remember the first batch's structure; raise ValueError when a later batch differs.
 
-    def __init__(self, what: str) -> None:
+    Args:
+        what (str): the dataset's name in messages.
+        ranks (bool): compare array ranks too (default: True). TensorFlow fixes the ranks in
+            the ``tf.data`` signature from the first batches, so a later rank change fails
+            there (with a less clear error); Keras 3 on JAX and torch trains on it, so the
+            wrappers pass False for those backends.
+    """
+
+    def __init__(self, what: str, ranks: bool = True) -> None:
         self.what = what
+        self.ranks = ranks
         self.first: tuple[object, str] | None = None
 
     def __call__(self, batch: object, index: object) -> None:
-        found = _structure(batch)
+        found = _structure(batch, self.ranks)
         if self.first is None:
             self.first = (index, found)
             return
@@ -120,7 +131,8 @@ class _StructureCheck:
                 f"the batch structure changed: {self.what}[{index!r}] returned {found}, but "
                 f"{self.what}[{first_index!r}] returned {expected}. Every batch must have the "
                 "same structure - (x,), (x, y) or (x, y, sample_weight) with the same nesting "
-                "and array ranks; only the batch size may differ (e.g. a smaller last batch)."
+                + ("and array ranks" if self.ranks else "")
+                + "; only array sizes may differ (e.g. a smaller last batch)."
             )
 
 
@@ -144,7 +156,7 @@ class _TrainAndValidation:
         self.validation = validation
 
     def __len__(self) -> int:
-        return len(self.train)  # type: ignore[arg-type]
+        return 0  # unused: OrderedPool only checks that len() exists; the feeders know lengths
 
     def __getitem__(self, key: tuple[int, int]) -> object:
         part, index = key
@@ -172,13 +184,14 @@ class _Source:
         # thread prefetching training batches may overlap a validation fetch in the main thread.
         self.lock = state.lock if state is not None else threading.RLock()
 
-    def fetch(self, indices: list[int]) -> Iterator[object]:
-        """Return an iterator over ``dataset[i] for i in indices``, in that order."""
+    def fetch(self, indices: Iterable[int]) -> Iterator[object]:
+        """Return an iterator over ``dataset[i] for i in indices``, in that order (``indices``
+        may be infinite: the pool consumes it lazily)."""
         if self.pool is None:
             return (self.dataset[i] for i in indices)  # type: ignore[index]
         assert self.state is not None
         self.state.sync()
-        keys: list[Any] = indices if self.part is None else [(self.part, i) for i in indices]
+        keys: Iterable[Any] = indices if self.part is None else ((self.part, i) for i in indices)
         return self.pool.imap(keys)
 
     def mark_dirty(self) -> None:
@@ -223,37 +236,58 @@ class _Feeder:
     Args:
         dataset (object): the user's dataset (hooks are forwarded to it).
         source (_Source): where batches come from.
-        length (int): ``len(dataset)``.
+        length (int | None): ``len(dataset)``, or None for an infinite ``PyDataset``
+            (``num_batches`` None): positions are then unbounded and never shuffled, as in
+            ``PyDatasetAdapter._infinite_generator``.
         shuffle (bool): shuffle the batch order per pass like Keras' ``fit(shuffle=True)``.
         what (str): name used in error messages ("x", "validation_data").
+        ranks (bool): the structure check compares array ranks (default: True; see
+            :class:`_StructureCheck`).
     """
 
     def __init__(
-        self, dataset: object, source: _Source, length: int, *, shuffle: bool, what: str
+        self,
+        dataset: object,
+        source: _Source,
+        length: int | None,
+        *,
+        shuffle: bool,
+        what: str,
+        ranks: bool = True,
     ) -> None:
         self.dataset = dataset
         self.source = source
         self.length = length
         self.shuffle = shuffle
-        self.check = _StructureCheck(what)
+        self.check = _StructureCheck(what, ranks)
         self.error: BaseException | None = None
         self.restarts = 0  # streams started somewhere other than where the last one stood
         self._lock = source.lock
-        self._order: list[int] = list(range(length))
+        self._order: list[int] = list(range(length or 0))
         self._stream: Iterator[object] | None = None
         self._next = 0  # the position the stream yields next
         self._in_epoch = False
+        self._probed = False
 
-    def get(self, position: int) -> object:
-        """Return the batch for Keras' position ``position`` (see the class docstring)."""
+    def get(self, position: int, *, implicit_epoch: bool = False) -> object:
+        """Return the batch for Keras' position ``position`` (see the class docstring).
+
+        ``implicit_epoch=True`` is for Keras 2, which has no ``on_epoch_begin``: the first
+        call ever is its structure probe (outside any epoch), and any later call outside an
+        epoch begins one (NOTE [ How Keras 2 drives a Sequence ] in compatmp/_keras2.py).
+        """
         with self._lock:
+            if implicit_epoch and not self._in_epoch:
+                if self._probed:
+                    self._in_epoch = True
+                self._probed = True
             if isinstance(position, bool) or not isinstance(position, int):
                 raise TypeError(f"batch position must be an int; received {position!r}")
-            if not 0 <= position < self.length:
+            if position < 0 or (self.length is not None and position >= self.length):
                 raise IndexError(f"batch position {position} out of range [0, {self.length})")
             try:
                 batch = self._get(position)
-                self.check(batch, self._order[position] if self._in_epoch else position)
+                self.check(batch, self._index(position) if self._in_epoch else position)
             except BaseException as exc:
                 self._drop_stream()
                 self.error = exc
@@ -280,6 +314,10 @@ class _Feeder:
         if self._stream is not None or position != 0:
             self.restarts += 1
         self._drop_stream()
+        if self.length is None:  # infinite: index == position, never shuffled
+            self._stream = self.source.fetch(itertools.count(position))
+            self._next = position + 1
+            return next(self._stream)
         if position == 0:
             # A new pass. Shuffle like PyDatasetAdapter._finite_generator: random.shuffle of
             # range(n), so keras.utils.set_random_seed gives the order plain Keras would use.
@@ -289,6 +327,9 @@ class _Feeder:
         self._stream = self.source.fetch(self._order[position:])
         self._next = position + 1
         return next(self._stream)
+
+    def _index(self, position: int) -> int:
+        return position if self.length is None else self._order[position]
 
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -318,19 +359,26 @@ class _Feeder:
 
 
 @functools.cache
-def _proxy_class() -> type:
-    """Build the ``keras.utils.PyDataset`` subclass Keras sees (imports Keras once)."""
+def _keras3_proxy_class() -> type:
+    """Build the ``keras.utils.PyDataset`` subclass Keras 3 sees (imports Keras once)."""
     import keras
 
     class _ProxyDataset(keras.utils.PyDataset):
-        """What Keras iterates: batches from a :class:`_Feeder`, no Keras workers."""
+        """What Keras 3 iterates: batches from a :class:`_Feeder`, no Keras workers."""
 
         def __init__(self, feeder: _Feeder) -> None:
             # workers=1, use_multiprocessing=False: PyDatasetAdapter starts no enqueuer.
             super().__init__(workers=1, use_multiprocessing=False)
             self.feeder = feeder
 
+        @property
+        def num_batches(self) -> int | None:
+            # None: an infinite dataset (PyDatasetAdapter._infinite_generator).
+            return self.feeder.length
+
         def __len__(self) -> int:
+            if self.feeder.length is None:
+                raise TypeError("an infinite dataset (num_batches None) has no len()")
             return self.feeder.length
 
         def __getitem__(self, index: int) -> object:
@@ -344,6 +392,25 @@ def _proxy_class() -> type:
 
     _ProxyDataset.__qualname__ = "_ProxyDataset"
     return _ProxyDataset
+
+
+class _Sized:
+    """A dataset without ``__len__`` (a ``num_batches``-only ``PyDataset``), given the
+    ``__len__`` :class:`~compatmp._pool.OrderedPool` checks for. Module level: it crosses the
+    process boundary.
+
+    Args:
+        dataset (object): the dataset; ``self[i]`` is ``dataset[i]``.
+    """
+
+    def __init__(self, dataset: object) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 0  # unused: the feeder knows the number of batches (or that there is no end)
+
+    def __getitem__(self, index: Any) -> object:
+        return self.dataset[index]  # type: ignore[index]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """``compatmp.fit`` / ``evaluate`` / ``predict``: Keras training with compatmp workers.
 
-The public wrappers: they check and classify the inputs (all before any worker starts), start
-one :class:`~compatmp._pool.OrderedPool` for the whole call (training and validation share it),
-hand Keras the proxies from :mod:`compatmp._feeder`, and stop every worker when the call ends,
-however it ends. How Keras asks for batches, and how the feeder answers, is described in
-:mod:`compatmp._feeder`: NOTE [ How Keras 3 drives a PyDataset ] and
+The public wrappers: they bind and check the arguments and classify the inputs
+(:mod:`compatmp._fitargs`, all before any worker starts), pass data Keras loads itself to
+Keras unchanged, start one :class:`~compatmp._pool.OrderedPool` for the whole call (training
+and validation share it), hand Keras the proxies from :mod:`compatmp._feeder` (Keras 3) or
+:mod:`compatmp._keras2` (Keras 2, chosen from the model), and stop every worker when the call
+ends, however it ends. How Keras asks for batches, and how the feeder answers, is described in
+NOTE [ How Keras 3 drives a PyDataset ], NOTE [ How Keras 2 drives a Sequence ] and
 NOTE [ One pool for training and validation ].
 
 Nothing here runs at ``import compatmp``: Keras is imported inside functions.
@@ -12,18 +14,14 @@ Nothing here runs at ``import compatmp``: Keras is imported inside functions.
 
 from __future__ import annotations
 
-import collections.abc
 import gc
 import logging
-import os
 import sys
 import traceback
-import types
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._args import DEFAULT_MAX_QUEUE_SIZE, check_max_queue_size, check_workers, describe
 from ._exceptions import ThreadFallbackWarning
 from ._feeder import (
     _TRAIN,
@@ -32,97 +30,34 @@ from ._feeder import (
     _Feeder,
     _generator_feed,
     _GeneratorSource,
+    _keras3_proxy_class,
     _PoolState,
-    _proxy_class,
+    _Sized,
     _Source,
     _StructureCheck,
     _TrainAndValidation,
 )
+from ._fitargs import (
+    DEFAULT_MAX_WORKERS,
+    LOADER_ARGS,
+    Loader,
+    bind_keras_args,
+    classify,
+    dataset_length,
+)
+from ._keras2 import keras2_proxy_class, keras_flavour
+from ._stall import DEFAULT_STALL_TIMEOUT
 
-__all__ = ["evaluate", "fit", "predict"]
+__all__ = ["DEFAULT_MAX_WORKERS", "evaluate", "fit", "predict"]
 
 # The pool's start-method decision is logged at INFO on the "compatmp" logger, e.g.
 # ``logging.basicConfig(level=logging.INFO)`` or ``python -m compatmp demo`` shows it.
 _log = logging.getLogger("compatmp")
-
-#: ``workers=None`` and the dataset has no ``workers`` setting above 1: use up to this many.
-#: Four keeps a typical augmentation pipeline ahead of a small model without oversubscribing
-#: laptops; each process worker costs memory (one copy of the dataset, plus Keras if the
-#: dataset's class needs it).
-DEFAULT_MAX_WORKERS = 4
+_passthrough_logged = False
 
 
 # --------------------------------------------------------------------------------------------
 # Input checks (all of them run before any worker starts)
-
-
-def _is_array_like(obj: object) -> bool:
-    """True for data Keras loads itself: arrays, tensors, tf.data, dicts, lists of arrays."""
-    if isinstance(obj, (str, bytes, tuple, list, collections.abc.Mapping)):
-        return True
-    if hasattr(obj, "__array__") or (hasattr(obj, "shape") and hasattr(obj, "dtype")):
-        return True  # numpy, tf/torch/jax tensors, pandas
-    return hasattr(obj, "element_spec")  # tf.data.Dataset
-
-
-def _is_pydataset(obj: object) -> bool:
-    keras = sys.modules.get("keras")
-    return keras is not None and isinstance(obj, keras.utils.PyDataset)
-
-
-def _classify(x: object, arg: str = "x") -> str:
-    """Return ``"dataset"`` or ``"generator"``; raise TypeError for anything else."""
-    if isinstance(x, types.GeneratorType):
-        return "generator"
-    if _is_array_like(x):
-        raise TypeError(
-            f"{arg} must be a keras.utils.PyDataset (or keras.utils.Sequence), an object with "
-            f"__len__ and __getitem__ returning batches, or a generator; received "
-            f"{describe(x)}. Arrays, tensors, dicts, lists and tf.data datasets need no "
-            f"Python workers: pass them to model.fit/evaluate/predict directly."
-        )
-    if hasattr(type(x), "__getitem__") and hasattr(type(x), "__len__"):
-        return "dataset"
-    if _is_pydataset(x):
-        raise TypeError(
-            f"{arg} is a keras.utils.PyDataset without __len__ ({describe(x)}); compatmp "
-            f"needs the number of batches. Define __len__ (infinite datasets are not supported)."
-        )
-    if isinstance(x, collections.abc.Iterator):
-        return "generator"
-    hint = ""
-    if callable(x):
-        hint = " It is callable: if it is a generator function, pass its result, f(), instead."
-    raise TypeError(
-        f"{arg} must be a keras.utils.PyDataset (or keras.utils.Sequence), an object with "
-        f"__len__ and __getitem__ returning batches, or a generator; received {describe(x)}." + hint
-    )
-
-
-def _resolve_workers(x: object, workers: int | None) -> int:
-    """``workers`` if given, else the dataset's own ``workers`` (> 1), else min(4, CPUs)."""
-    if workers is not None:
-        return workers
-    # PyDataset keeps the constructor argument in ``_workers``; reading the ``workers``
-    # property of a subclass that skipped super().__init__() would warn (py_dataset_adapter.py,
-    # _warn_if_super_not_called).
-    own = getattr(x, "_workers", None) if _is_pydataset(x) else getattr(x, "workers", None)
-    if isinstance(own, int) and not isinstance(own, bool) and own > 1:
-        return own
-    return min(DEFAULT_MAX_WORKERS, os.cpu_count() or 1)
-
-
-def _dataset_length(x: object, arg: str = "x") -> int:
-    try:
-        n = len(x)  # type: ignore[arg-type]
-    except TypeError as exc:
-        raise TypeError(f"len({arg}) failed for {describe(x)}: {exc}") from exc
-    if n == 0:
-        raise ValueError(
-            f"{arg} is empty: len({arg}) == 0 batches ({describe(x)}). A dataset's __len__ "
-            "must return the number of batches, at least 1."
-        )
-    return n
 
 
 def _check_no_targets(kwargs: dict[str, Any], fn: str) -> None:
@@ -144,12 +79,10 @@ def _check_no_targets(kwargs: dict[str, Any], fn: str) -> None:
 # The calls
 
 
-def _open_pool(dataset: object, workers: int, start_method: str, max_queue_size: int) -> Any:
+def _open_pool(dataset: object, loader: Loader, workers: int, method: str) -> Any:
     from ._pool import OrderedPool
 
-    return OrderedPool(
-        dataset, workers=workers, start_method=start_method, max_queue_size=max_queue_size
-    )
+    return OrderedPool(dataset, workers=workers, start_method=method, **loader.pool_options())
 
 
 def _log_decision(fn: str, pool: Any) -> None:
@@ -188,58 +121,107 @@ class _Session:
         return self.generator_errors[0] if self.generator_errors else None
 
 
-def _prepare(
-    session: _Session,
-    x: object,
-    *,
-    validation: object,
-    workers: int | None,
-    start_method: str,
-    max_queue_size: int,
-    shuffle: bool,
-    fn: str,
-    steps: int | None,
-    steps_name: str,
-) -> tuple[Any, Any]:
-    """Check the inputs, start the pool(s), and return what to pass to Keras as ``x`` and as
-    ``validation_data`` (``validation`` unchanged unless it is a dataset)."""
-    check_workers(workers, 0, allow_none=True)  # None: the dataset's own setting
-    check_max_queue_size(max_queue_size)
-    kind = _classify(x)
-    n_workers = _resolve_workers(x, workers)
-    if kind == "generator" and fn == "fit" and steps is None:
-        raise ValueError(
-            f"compatmp.fit with a generator needs {steps_name}=<batches per epoch>: a "
-            "generator has no length, and without it the first epoch would consume the "
-            "whole generator and later epochs would get nothing."
-        )
-    datasets: list[tuple[object, int, bool, str]] = []  # (dataset, length, shuffle, name)
-    if kind == "dataset":
-        datasets.append((x, _dataset_length(x), shuffle, "x"))
-    has_val = validation is not None and not _is_array_like(validation)
-    if has_val and _classify(validation, "validation_data") == "dataset":
-        val_length = _dataset_length(validation, "validation_data")
-        datasets.append((validation, val_length, False, "validation_data"))
-    # All checks passed: from here on workers start.
+class _Call:
+    """One checked call: the flavour, the kind of ``x``, its loader and Keras' arguments."""
 
-    proxies = _dataset_proxies(session, datasets, n_workers, start_method, max_queue_size, fn)
-    keras_x = proxies.pop(0) if kind == "dataset" else None
-    keras_val = proxies.pop(0) if proxies else validation
-    if keras_x is not None:
+    def __init__(
+        self, fn: str, model: Any, x: Any, args: tuple, kwargs: dict, loader: dict
+    ) -> None:
+        self.fn = fn
+        kwargs = bind_keras_args(model, fn, args, kwargs)
+        for name in LOADER_ARGS:  # Keras 2 has them in its positional order
+            if name in kwargs:
+                if loader[name] is not None:
+                    raise TypeError(f"compatmp.{fn}() got multiple values for argument {name!r}")
+                loader[name] = kwargs.pop(name)
+        self.kwargs = kwargs
+        self.flavour = keras_flavour(model) or (3, "keras")
+        self.ranks = self.flavour[0] == 2 or _keras3_backend() == "tensorflow"
+        self.kind = classify(x)
+        self.loader = Loader.resolve(x, **loader)
+        self.validation = kwargs.get("validation_data") if fn == "fit" else None
+        val_is_dataset = (
+            self.validation is not None
+            and classify(self.validation, "validation_data") == "dataset"
+        )
+        self.datasets: list[tuple[object, int | None, str]] = []  # (dataset, length, name)
+        if self.kind == "dataset":
+            self.datasets.append((x, self._length(x, "x"), "x"))
+        if val_is_dataset:
+            self.datasets.append(
+                (self.validation, self._length(self.validation, "validation_data"), "val")
+            )
+        if self.kind != "keras":
+            _check_no_targets(kwargs, fn)
+
+    def _length(self, dataset: object, arg: str) -> int | None:
+        n = dataset_length(dataset, arg)
+        if n is None:
+            steps = {"fit": "steps_per_epoch", "evaluate": "steps", "predict": "steps"}[self.fn]
+            if arg == "validation_data":
+                steps = "validation_steps"
+            if self.kwargs.get(steps) is None:
+                raise ValueError(
+                    f"compatmp.{self.fn}: {arg} is an infinite PyDataset (num_batches is None); "
+                    f"pass {steps}=<batches> so the call ends."
+                )
+            if self.flavour[0] == 2:
+                raise TypeError(
+                    f"{arg} is an infinite PyDataset (num_batches None), which Keras 2 "
+                    "cannot iterate; give it a __len__."
+                )
+        return n
+
+    @property
+    def passthrough(self) -> bool:
+        """Keras loads ``x`` itself and there is no dataset to load: no workers at all."""
+        return self.kind == "keras" and not self.datasets
+
+
+def _keras3_backend() -> str | None:
+    """Keras 3's backend name, if Keras is imported (the model's Keras always is)."""
+    keras = sys.modules.get("keras")
+    try:
+        return keras.backend.backend()  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+
+
+def _log_passthrough(fn: str) -> None:
+    global _passthrough_logged
+    if not _passthrough_logged:
+        _passthrough_logged = True
+        _log.info(
+            "compatmp.%s: x is data Keras loads itself (arrays, tensors, tf.data, a torch "
+            "DataLoader...): passed to model.%s unchanged, no workers needed. (Said once.)",
+            fn,
+            fn,
+        )
+
+
+def _prepare(session: _Session, call: _Call, x: object, shuffle: bool) -> tuple[Any, Any]:
+    """Start the pool(s) and return what to pass to Keras as ``x`` and as
+    ``validation_data`` (unchanged unless it is a dataset). Every check ran in :class:`_Call`."""
+    loader = call.loader
+    proxies = _dataset_proxies(session, call, shuffle)
+    keras_x = proxies.pop(0) if call.kind == "dataset" else x
+    keras_val = proxies.pop(0) if proxies else call.validation
+    if call.kind != "generator":
         return keras_x, keras_val
 
-    check = _StructureCheck("generator item")
-    if n_workers == 0:
+    check = _StructureCheck("generator item", call.ranks)
+    if loader.workers == 0:
         return _checked_generator(x, check, session.generator_errors), keras_val  # type: ignore[arg-type]
-    warnings.warn(
-        f"compatmp.{fn}: x is a generator, so one background thread loads it instead of "
-        f"{n_workers} worker process(es): a generator cannot be shared between processes "
-        "(a suspended Python frame cannot be pickled), and it produces one item at a time "
-        "whoever calls it. For parallel loading in processes, write the data as a "
-        "keras.utils.PyDataset (__len__ and __getitem__).",
-        ThreadFallbackWarning,
-        stacklevel=4,
-    )
+    if loader.start_method != "thread":
+        warnings.warn(
+            f"compatmp.{call.fn}: x is a generator, so one background thread loads it instead "
+            f"of {loader.workers} worker process(es): a generator cannot be shared between "
+            "processes (a suspended Python frame cannot be pickled), and it produces one item "
+            "at a time whoever calls it. For parallel loading in processes, write the data as "
+            "a keras.utils.PyDataset (__len__ and __getitem__).",
+            ThreadFallbackWarning,
+            stacklevel=4,
+        )
     from ._threadsafe import threadsafe_iter
 
     # NOTE [ One thread for a generator ]: threadsafe_iter serializes next() anyway, so more
@@ -247,37 +229,34 @@ def _prepare(
     # item would no longer be the i-th batch (the predict_generator disorder). One thread
     # keeps the generator's order and still loads ahead of the model.
     source = _GeneratorSource(threadsafe_iter(x))  # type: ignore[arg-type]
-    pool = _open_pool(source, 1, "thread", max_queue_size)
+    pool = _open_pool(source, loader, 1, "thread")
     session.pools.append(pool)
-    _log_decision(fn, pool)
+    _log_decision(call.fn, pool)
     return _generator_feed(pool, check, session.generator_errors), keras_val
 
 
-def _dataset_proxies(
-    session: _Session,
-    datasets: list[tuple[object, int, bool, str]],
-    n_workers: int,
-    start_method: str,
-    max_queue_size: int,
-    fn: str,
-) -> list[Any]:
-    """One proxy per dataset; one pool for all of them, or none with ``n_workers == 0``.
+def _dataset_proxies(session: _Session, call: _Call, shuffle: bool) -> list[Any]:
+    """One proxy per dataset; one pool for all of them, or none with ``workers == 0``.
 
     See NOTE [ One pool for training and validation ] in compatmp/_feeder.py.
     """
+    datasets = call.datasets
     if not datasets:
         return []
+    loader = call.loader
     sources: list[_Source]
-    if n_workers == 0:
+    if loader.workers == 0:
         sources = [_Source(ds) for ds, *_ in datasets]
     else:
         if len(datasets) == 1:
             root = datasets[0][0]
+            if not hasattr(type(root), "__len__"):
+                root = _Sized(root)  # a num_batches-only PyDataset
         else:
             root = _TrainAndValidation(datasets[0][0], datasets[1][0])
-        pool = _open_pool(root, n_workers, start_method, max_queue_size)
+        pool = _open_pool(root, loader, loader.workers, loader.start_method)
         session.pools.append(pool)
-        _log_decision(fn, pool)
+        _log_decision(call.fn, pool)
         state = _PoolState(pool, root)
         if len(datasets) == 1:
             sources = [_Source(datasets[0][0], state)]
@@ -286,10 +265,21 @@ def _dataset_proxies(
                 _Source(datasets[0][0], state, _TRAIN),
                 _Source(datasets[1][0], state, _VALIDATION),
             ]
-    proxy_cls = _proxy_class()
+    if call.flavour[0] == 2:
+        proxy_cls = keras2_proxy_class(call.flavour[1])
+    else:
+        proxy_cls = _keras3_proxy_class()
     proxies = []
-    for (dataset, length, shuffle, name), source in zip(datasets, sources, strict=True):
-        feeder = _Feeder(dataset, source, length, shuffle=shuffle, what=name)
+    for (dataset, length, name), source in zip(datasets, sources, strict=True):
+        what = "validation_data" if name == "val" else name
+        feeder = _Feeder(
+            dataset,
+            source,
+            length,
+            shuffle=shuffle and name == "x" and length is not None,
+            what=what,
+            ranks=call.ranks,
+        )
         session.feeders.append(feeder)
         proxies.append(proxy_cls(feeder))
     return proxies
@@ -353,118 +343,158 @@ def _wraps(exc: BaseException, original: BaseException) -> bool:
     )
 
 
-def fit(
-    model: Any,
-    x: Any,
-    *,
-    workers: int | None = None,
-    start_method: str = "auto",
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-    **fit_kwargs: Any,
+def _run(
+    fn: str, model: Any, x: Any, args: tuple, kwargs: dict[str, Any], loader: dict[str, Any]
 ) -> Any:
-    """Train ``model`` on a dataset loaded by worker processes (or threads where unsafe).
+    """Check everything, start the workers, call ``model.<fn>``, stop the workers."""
+    call = _Call(fn, model, x, args, kwargs, loader)
+    kwargs = call.kwargs
+    method = getattr(model, fn)
+    if call.passthrough:
+        _log_passthrough(fn)
+        return method(x, **kwargs)
+    shuffle = False
+    if fn == "fit" and call.kind == "dataset":
+        shuffle = bool(kwargs.get("shuffle", True))
+        kwargs["shuffle"] = False  # we shuffle (see NOTE [ How Keras 3 drives ... ])
+    elif fn == "fit" and call.kind == "generator" and "shuffle" not in kwargs:
+        # Keras ignores shuffle for generators and warns when it is True - its default - so
+        # only pass on what the caller asked for.
+        kwargs["shuffle"] = False
+    session = _Session()
+    try:
+        keras_x, keras_val = _prepare(session, call, x, shuffle)
+    except BaseException:
+        session.close()
+        raise
+    if "validation_data" in kwargs:
+        kwargs["validation_data"] = keras_val
+    return _call_keras(session, lambda: method(keras_x, **kwargs))
 
-    Same as ``model.fit(x, **fit_kwargs)``, but the batches come from one
-    :class:`compatmp._pool.OrderedPool` that lives for the whole call - across epochs and
-    validation, unlike Keras' enqueuer, which restarts its pool every epoch - started with a
-    start method that is safe on this platform (:func:`compatmp.decide_start_method`). Keras
-    itself never pickles anything: it sees a proxy ``PyDataset`` with ``workers=1``.
 
-    Semantics kept from Keras 3 (NOTE [ How Keras 3 drives a PyDataset ] in compatmp/_feeder.py):
-    every batch index is used exactly once per pass, in order, or in a random order per pass
-    when ``shuffle=True`` (Keras' default; shuffled with ``random.shuffle`` like
-    ``PyDatasetAdapter``); ``on_epoch_begin``/``on_epoch_end`` run in the main process at the
-    points Keras calls them (including the ``on_epoch_end`` Keras calls once before the first
-    epoch), and the state they change reaches the workers before the next batch is loaded
-    (the pool skips the send when the pickled dataset did not change).
-
-    Args:
-        model (keras.Model): a compiled model (any Keras 3 backend).
-        x (keras.utils.PyDataset | object | generator): a ``PyDataset`` (also under its
-            ``keras.utils.Sequence`` alias), any object with ``__len__`` (number of batches)
-            and ``__getitem__`` returning ``(x,)``, ``(x, y)`` or ``(x, y, sample_weight)``,
-            or a Python generator/iterator of such batches. A generator is loaded by one
-            background thread (through :class:`compatmp._threadsafe.threadsafe_iter`, in the
-            generator's order) with a :class:`~compatmp.ThreadFallbackWarning`, and needs
-            ``steps_per_epoch``. A ``PyDataset``'s own ``use_multiprocessing`` and
-            ``max_queue_size`` settings are not used: ``start_method`` and ``max_queue_size``
-            here decide.
-        workers (int | None): worker count; 0 loads batches in the main process (default:
+_LOADER_DOC = """
+        workers (int | None): worker count; 0 loads batches in the caller's thread (default:
             None: the dataset's own ``workers`` if above 1, else ``min(4, os.cpu_count())``).
+        use_multiprocessing (bool | None): False: threads, as in Keras; True: processes
+            (the start method still decided by ``start_method``); None (default): the
+            dataset's own setting if it asks for ``workers > 1``, else compatmp decides.
+        max_queue_size (int | None): batches loaded ahead of the model (default: None: the
+            dataset's own ``max_queue_size``, else 10).
         start_method (str): ``"auto"``, ``"fork"``, ``"forkserver"``, ``"spawn"`` or
             ``"thread"`` (default: ``"auto"``; also ``COMPATMP_START_METHOD``).
-        max_queue_size (int): batches loaded ahead of the model (default: 10).
-        **fit_kwargs: passed to ``model.fit`` (``epochs``, ``callbacks``, ``validation_data``,
-            ``steps_per_epoch``, ``initial_epoch``, ``verbose``, ``class_weight``, ...).
-            ``validation_data`` given as a dataset is loaded by the same workers.
+        timeout (float | None): seconds to wait for each batch before
+            ``compatmp.WorkerTimeoutError`` (default: None, no limit).
+        seed (int | None): base seed of the workers' ``random``/``numpy.random``
+            (default: None, a fresh seed per call); see :class:`compatmp.OrderedPool`.
+        worker_init_fn (Callable[[int], None] | None): called once in each worker with its
+            id before its first batch (default: None).
+        stall_timeout (float | None): seconds without a batch before a WARNING on the
+            ``compatmp`` logger names the stuck worker, its index and its Python stack, then
+            keeps waiting; 0 or None disables it (default: 60)."""
+
+
+def fit(
+    model: Any,
+    x: Any = None,
+    *args: Any,
+    workers: int | None = None,
+    use_multiprocessing: bool | None = None,
+    max_queue_size: int | None = None,
+    start_method: str = "auto",
+    timeout: float | None = None,
+    seed: int | None = None,
+    worker_init_fn: Callable[[int], Any] | None = None,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    **kwargs: Any,
+) -> Any:
+    """Train ``model`` on data loaded by worker processes (or threads where unsafe).
+
+    A drop-in for ``model.fit(x, *args, **kwargs)`` on Keras 3 (any backend) and Keras 2
+    (``tf_keras``, TensorFlow 2.12-2.15's built-in Keras): positional arguments follow the
+    model's own ``fit``. A dataset's batches come from one :class:`compatmp.OrderedPool`
+    that lives for the whole call - across epochs and validation, unlike Keras' enqueuer,
+    which restarts its pool every epoch - started with a start method that is safe on this
+    platform (:func:`compatmp.decide_start_method`). Keras never pickles anything: it sees a
+    proxy (``PyDataset`` or Keras 2 ``Sequence``) without workers.
+
+    Data Keras loads itself - arrays, tensors, dicts, ``(x, y)`` tuples, ``tf.data``, a torch
+    ``DataLoader``, with ``y=``/``sample_weight=`` - goes to ``model.fit`` unchanged (said
+    once at INFO on the ``compatmp`` logger).
+
+    Semantics kept from Keras (NOTE [ How Keras 3 drives a PyDataset ] in compatmp/_feeder.py,
+    NOTE [ How Keras 2 drives a Sequence ] in compatmp/_keras2.py): every batch index is used
+    exactly once per pass, in order, or in a random order per pass when ``shuffle=True``
+    (Keras' default; ``random.shuffle`` like Keras); ``on_epoch_begin``/``on_epoch_end`` run
+    in the main process where Keras calls them, and the state they change reaches the workers
+    before the next batch is loaded.
+
+    Args:
+        model (keras.Model | tf_keras.Model): a compiled model.
+        x (object): a ``keras.utils.PyDataset``/``Sequence`` (Keras 3 or 2), any object with
+            ``__len__`` (number of batches) and ``__getitem__`` returning ``(x,)``,
+            ``(x, y)`` or ``(x, y, sample_weight)``, a ``PyDataset`` with only
+            ``num_batches`` (None: infinite, needs ``steps_per_epoch``), a generator (loaded
+            by one background thread in its order, with a :class:`~compatmp.ThreadFallbackWarning`
+            unless threads were asked for), or data Keras loads itself.
+        *args: ``model.fit``'s positional arguments after ``x`` (``y``, ``batch_size``,
+            ``epochs``, ...; Keras 2 also ``max_queue_size``, ``workers``,
+            ``use_multiprocessing``, which go to compatmp's loader).
+        {loader_args}
+        **kwargs: passed to ``model.fit`` (``epochs``, ``callbacks``, ``validation_data``,
+            ``steps_per_epoch``, ``class_weight``...). ``validation_data`` given as a dataset
+            is loaded by the same workers.
 
     Returns:
         keras.callbacks.History: exactly what ``model.fit`` returns.
 
     Raises:
-        TypeError: ``x`` is neither dataset nor generator, or ``workers``/``max_queue_size``
-            is not an int.
-        ValueError: ``workers`` < 0, an empty dataset, ``y``/``sample_weight`` given with a
-            dataset, a generator without ``steps_per_epoch``, or a batch whose structure
-            differs from the first batch's.
+        TypeError: ``x`` is none of the above, or a loader argument has the wrong type.
+        ValueError: ``workers`` < 0, an empty dataset, ``y``/``sample_weight`` with a dataset,
+            an infinite dataset without ``steps_per_epoch``, ``use_multiprocessing``
+            contradicting ``start_method``, or a batch whose structure differs from the
+            first batch's. All argument errors are raised before any worker starts.
         compatmp.StartMethodError: ``start_method`` is not available here.
         compatmp.WorkerCrashedError: a worker process died (instead of hanging).
         Exception: whatever ``dataset[i]`` raised in a worker, same type, with the worker's
-            traceback as ``__cause__``.
+            traceback as ``__cause__`` (TensorFlow would wrap it in ``InvalidArgumentError``).
     """
-    _check_no_targets(fit_kwargs, "fit")
-    session = _Session()
-    try:
-        kind = _classify(x)
-        explicit_shuffle = "shuffle" in fit_kwargs
-        shuffle = fit_kwargs.pop("shuffle", True)
-        keras_x, keras_val = _prepare(
-            session,
-            x,
-            validation=fit_kwargs.get("validation_data"),
-            workers=workers,
-            start_method=start_method,
-            max_queue_size=max_queue_size,
-            shuffle=bool(shuffle) if kind == "dataset" else False,
-            fn="fit",
-            steps=fit_kwargs.get("steps_per_epoch"),
-            steps_name="steps_per_epoch",
-        )
-    except BaseException:
-        session.close()
-        raise
-    if kind == "dataset":
-        fit_kwargs["shuffle"] = False  # we shuffle (see NOTE [ How Keras 3 drives ... ])
-    else:
-        # Keras ignores shuffle for generators and warns when it is True - its default - so
-        # only pass on what the caller asked for.
-        fit_kwargs["shuffle"] = shuffle if explicit_shuffle else False
-    if "validation_data" in fit_kwargs:
-        fit_kwargs["validation_data"] = keras_val
-    return _call_keras(session, lambda: model.fit(keras_x, **fit_kwargs))
+    loader = {
+        "workers": workers,
+        "use_multiprocessing": use_multiprocessing,
+        "max_queue_size": max_queue_size,
+        "start_method": start_method,
+        "timeout": timeout,
+        "seed": seed,
+        "worker_init_fn": worker_init_fn,
+        "stall_timeout": stall_timeout,
+    }
+    return _run("fit", model, x, args, kwargs, loader)
 
 
 def evaluate(
     model: Any,
-    x: Any,
-    *,
+    x: Any = None,
+    *args: Any,
     workers: int | None = None,
+    use_multiprocessing: bool | None = None,
+    max_queue_size: int | None = None,
     start_method: str = "auto",
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    timeout: float | None = None,
+    seed: int | None = None,
+    worker_init_fn: Callable[[int], Any] | None = None,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     **kwargs: Any,
 ) -> Any:
-    """Evaluate ``model`` on a dataset loaded by compatmp workers.
+    """Evaluate ``model`` on data loaded by compatmp workers; a drop-in for ``model.evaluate``.
 
-    Same as ``model.evaluate(x, **kwargs)`` with the batches loaded as in :func:`fit` (in
-    order, never shuffled).
+    Batches are loaded as in :func:`fit`, in order, never shuffled.
 
     Args:
-        model (keras.Model): a compiled model.
-        x (keras.utils.PyDataset | object | generator): see :func:`fit`; a generator runs
-            until exhausted or for ``steps`` batches.
-        workers (int | None): see :func:`fit` (default: None).
-        start_method (str): see :func:`fit` (default: ``"auto"``).
-        max_queue_size (int): batches loaded ahead (default: 10).
+        model (keras.Model | tf_keras.Model): a compiled model.
+        x (object): see :func:`fit`; a generator runs until exhausted or for ``steps``
+            batches; an infinite ``PyDataset`` needs ``steps``.
+        *args: ``model.evaluate``'s positional arguments after ``x``.
+        {loader_args}
         **kwargs: passed to ``model.evaluate`` (``steps``, ``return_dict``, ``verbose``...).
 
     Returns:
@@ -474,31 +504,45 @@ def evaluate(
         TypeError, ValueError, compatmp.StartMethodError, compatmp.WorkerCrashedError: as
             for :func:`fit`.
     """
-    return _run_inference("evaluate", model, x, workers, start_method, max_queue_size, kwargs)
+    loader = {
+        "workers": workers,
+        "use_multiprocessing": use_multiprocessing,
+        "max_queue_size": max_queue_size,
+        "start_method": start_method,
+        "timeout": timeout,
+        "seed": seed,
+        "worker_init_fn": worker_init_fn,
+        "stall_timeout": stall_timeout,
+    }
+    return _run("evaluate", model, x, args, kwargs, loader)
 
 
 def predict(
     model: Any,
-    x: Any,
-    *,
+    x: Any = None,
+    *args: Any,
     workers: int | None = None,
+    use_multiprocessing: bool | None = None,
+    max_queue_size: int | None = None,
     start_method: str = "auto",
-    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    timeout: float | None = None,
+    seed: int | None = None,
+    worker_init_fn: Callable[[int], Any] | None = None,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
     **kwargs: Any,
 ) -> Any:
-    """Predict on a dataset loaded by compatmp workers; rows come back in dataset order.
+    """Predict on data loaded by compatmp workers; rows come back in dataset order.
 
-    Same as ``model.predict(x, **kwargs)``: batch ``i`` of the output holds the predictions
-    for ``x[i]``, whichever worker loaded it (the reorder buffer of the pool restores the
-    order; Keras 2's ``predict_generator`` with several workers could reorder or deadlock).
+    A drop-in for ``model.predict``: batch ``i`` of the output holds the predictions for
+    ``x[i]``, whichever worker loaded it (the pool's reorder buffer restores the order; Keras
+    2's ``predict_generator`` with several workers could reorder or deadlock).
 
     Args:
-        model (keras.Model): the model.
-        x (keras.utils.PyDataset | object | generator): see :func:`fit`; batches may be
-            ``(x,)`` or ``x`` alone or carry targets, which are ignored, as in Keras.
-        workers (int | None): see :func:`fit` (default: None).
-        start_method (str): see :func:`fit` (default: ``"auto"``).
-        max_queue_size (int): batches loaded ahead (default: 10).
+        model (keras.Model | tf_keras.Model): the model.
+        x (object): see :func:`fit`; batches may be ``(x,)`` or ``x`` alone or carry
+            targets, which are ignored, as in Keras.
+        *args: ``model.predict``'s positional arguments after ``x``.
+        {loader_args}
         **kwargs: passed to ``model.predict`` (``steps``, ``verbose``, ``callbacks``).
 
     Returns:
@@ -508,36 +552,21 @@ def predict(
         TypeError, ValueError, compatmp.StartMethodError, compatmp.WorkerCrashedError: as
             for :func:`fit`.
     """
-    return _run_inference("predict", model, x, workers, start_method, max_queue_size, kwargs)
+    loader = {
+        "workers": workers,
+        "use_multiprocessing": use_multiprocessing,
+        "max_queue_size": max_queue_size,
+        "start_method": start_method,
+        "timeout": timeout,
+        "seed": seed,
+        "worker_init_fn": worker_init_fn,
+        "stall_timeout": stall_timeout,
+    }
+    return _run("predict", model, x, args, kwargs, loader)
 
 
-def _run_inference(
-    fn: str,
-    model: Any,
-    x: Any,
-    workers: int | None,
-    start_method: str,
-    max_queue_size: int,
-    kwargs: dict[str, Any],
-) -> Any:
-    if fn == "evaluate":
-        _check_no_targets(kwargs, fn)
-    session = _Session()
-    try:
-        keras_x, _ = _prepare(
-            session,
-            x,
-            validation=None,
-            workers=workers,
-            start_method=start_method,
-            max_queue_size=max_queue_size,
-            shuffle=False,
-            fn=fn,
-            steps=kwargs.get("steps"),
-            steps_name="steps",
-        )
-    except BaseException:
-        session.close()
-        raise
-    method = getattr(model, fn)
-    return _call_keras(session, lambda: method(keras_x, **kwargs))
+for _fn in (fit, evaluate, predict):
+    # The loader arguments are documented once (python -OO strips docstrings: None).
+    if _fn.__doc__:
+        _fn.__doc__ = _fn.__doc__.replace("\n        {loader_args}", _LOADER_DOC)
+del _fn

@@ -50,6 +50,7 @@ from typing import Any
 import cloudpickle
 
 from ._exceptions import serialization_error
+from ._keras_image import image_iterator_reduce
 from ._mixin import _SELF_PID, PickleSafeMixin, _natural_reduce
 from ._standin import PyDatasetStandIn, keras_pydataset
 
@@ -371,9 +372,14 @@ def _rule_for(obj: Any) -> Callable[[Any], Any] | None:
 def _reduce_by_type(obj: Any) -> Any:
     """Return our reduction for ``obj``, or NotImplemented when none of our rules applies."""
     reducer = _rule_for(obj)
-    if reducer is None or _has_own_reduction(type(obj)):
+    if reducer is not None:
+        return NotImplemented if _has_own_reduction(type(obj)) else reducer(obj)
+    # Keras' ImageDataGenerator iterators, without their unused generator attribute (NOTE
+    # [ ImageDataGenerator iterators ] in _keras_image); NotImplemented for anything else.
+    rv = image_iterator_reduce(obj)
+    if rv is not NotImplemented and _has_own_reduction(type(obj)):
         return NotImplemented
-    return reducer(obj)
+    return rv
 
 
 class CompatPickler(cloudpickle.Pickler):

@@ -234,8 +234,20 @@ def __getattr__(name: str) -> Any:
 
             # ArrayDataset first, so its __getitem__/on_epoch_end win over PyDataset's stubs.
             class KerasArrayDataset(ArrayDataset, keras.utils.PyDataset):
-                def __init__(self, *args: Any, workers: int = 1, **kwargs: Any) -> None:
-                    keras.utils.PyDataset.__init__(self, workers=workers)
+                def __init__(
+                    self,
+                    *args: Any,
+                    workers: int = 1,
+                    use_multiprocessing: bool = False,
+                    max_queue_size: int = 10,
+                    **kwargs: Any,
+                ) -> None:
+                    keras.utils.PyDataset.__init__(
+                        self,
+                        workers=workers,
+                        use_multiprocessing=use_multiprocessing,
+                        max_queue_size=max_queue_size,
+                    )
                     ArrayDataset.__init__(self, *args, **kwargs)
 
             KerasArrayDataset.__module__ = __name__

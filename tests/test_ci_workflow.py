@@ -368,8 +368,9 @@ def test_python_versions_are_quoted_and_cover_python_requires(workflow: dict[str
         if python is None:
             continue
         assert isinstance(python, str), f"{variant['label']}: quote the Python version"
-        assert re.fullmatch(r"\d+\.\d+", python), f"{variant['label']}: {python!r}"
-        versions.append(tuple(int(p) for p in python.split(".")))
+        # "3.13t": setup-python's free-threaded build.
+        assert re.fullmatch(r"\d+\.\d+t?", python), f"{variant['label']}: {python!r}"
+        versions.append(tuple(int(p) for p in python.rstrip("t").split(".")))
     assert versions, "no job sets a matrix python"
     assert min(versions) == lowest, f"lowest tested Python {min(versions)}, {requires=}"
 

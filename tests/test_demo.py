@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("keras")
+pytest.importorskip("keras", minversion="3")
 pytest.importorskip("sklearn")
 Image = pytest.importorskip("PIL.Image")
 

@@ -295,3 +295,50 @@ def test_latency_benchmark_measures_every_kind():
     results = latency.measure([PROCESS_METHODS[0]], repeats=1)
     assert sorted(kind for kind, _ in results) == ["crash", "stall", "timeout"]
     assert all(len(v) == 1 and v[0] >= -0.5 for v in results.values())
+
+
+@pytest.mark.keras
+@pytest.mark.timeout(180)
+def test_fit_with_timeout_raises_for_a_stuck_worker_and_leaves_no_worker():
+    """Issue 12: ``compatmp.fit(..., timeout=5)`` with a worker stuck at index 6."""
+    pytest.importorskip("keras", minversion="3")
+    import hostile_helpers as hh
+    from hardening_helpers import StuckBatches
+
+    started = time.monotonic()
+    with pytest.raises(compatmp.WorkerTimeoutError, match="index 6") as info:
+        compatmp.fit(
+            hh.tiny_model(),
+            StuckBatches(10, stuck=6, seconds=600),
+            workers=2,
+            start_method=PROCESS_METHODS[0],
+            timeout=5,
+            shuffle=False,
+            verbose=0,
+        )
+    assert time.monotonic() - started < 60  # no hang; the latency itself is benchmarked
+    assert info.value.index == 6
+    assert not worker_processes()
+
+
+@pytest.mark.keras
+@pytest.mark.timeout(180)
+def test_fit_stall_report_shows_the_stuck_frame(caplog):
+    pytest.importorskip("keras", minversion="3")
+    import hostile_helpers as hh
+    from hardening_helpers import StuckBatches
+
+    caplog.set_level(logging.WARNING, logger="compatmp")
+    compatmp.fit(
+        hh.tiny_model(),
+        StuckBatches(10, stuck=6, seconds=4.0),
+        workers=2,
+        start_method=PROCESS_METHODS[0],
+        stall_timeout=1.0,
+        shuffle=False,
+        verbose=0,
+    )
+    stalls = [r.getMessage() for r in caplog.records if "no batch for" in r.getMessage()]
+    assert stalls and "stuck_here" in stalls[0], caplog.text
+    with pytest.raises(TypeError, match="stall_timeout"):
+        compatmp.fit(hh.tiny_model(), StuckBatches(2, 9, 0), workers=1, stall_timeout="1")

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import psutil
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 import hostile_helpers as hh  # noqa: E402
 from pool_datasets import (  # noqa: E402

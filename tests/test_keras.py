@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 import keras_datasets as kd  # noqa: E402
 
 import compatmp  # noqa: E402
 from compatmp import ThreadFallbackWarning, WorkerCrashedError, available_methods  # noqa: E402
 from compatmp._feeder import _Feeder, _PoolState, _Source  # noqa: E402
-from compatmp._keras import DEFAULT_MAX_WORKERS, _resolve_workers  # noqa: E402
+from compatmp._fitargs import DEFAULT_MAX_WORKERS, Loader  # noqa: E402
 from compatmp._pool import OrderedPool  # noqa: E402
 from compatmp._worker import RemoteTraceback  # noqa: E402
 
@@ -290,6 +290,19 @@ def test_keras_pydataset_under_spawn_uses_its_own_workers_setting():
     assert_same_history(got, expected)
 
 
+def _resolve_workers(x, workers):
+    return Loader.resolve(
+        x,
+        workers=workers,
+        use_multiprocessing=None,
+        max_queue_size=None,
+        start_method="auto",
+        timeout=None,
+        seed=None,
+        worker_init_fn=None,
+    ).workers
+
+
 def test_workers_none_resolution():
     cpus = min(DEFAULT_MAX_WORKERS, os.cpu_count() or 1)
     assert _resolve_workers(kd.ArrayDataset(), None) == cpus
@@ -404,9 +417,18 @@ def test_generator_with_a_validation_dataset_loaded_by_processes():
     assert len(got.history["val_loss"]) == 2
 
 
-def test_generator_without_steps_per_epoch_is_an_error():
-    with pytest.raises(ValueError, match="steps_per_epoch"):
-        compatmp.fit(tiny_model(), kd.batch_generator(5), epochs=2, verbose=0)
+@pytest.mark.timeout(60)
+def test_finite_generator_without_steps_per_epoch_behaves_as_in_keras():
+    # Keras trains until the generator is exhausted, warns "ran out of data" and stops.
+    with warnings.catch_warnings(record=True) as plain_warnings:
+        warnings.simplefilter("always")
+        expected = tiny_model().fit(kd.batch_generator(5), epochs=2, verbose=0)
+    with warnings.catch_warnings(record=True) as got_warnings:
+        warnings.simplefilter("always")
+        got = compatmp.fit(tiny_model(), kd.batch_generator(5), epochs=2, verbose=0)
+    assert_same_history(got, expected)
+    ran_out = [str(w.message) for w in plain_warnings if "ran out of data" in str(w.message)]
+    assert ran_out == [str(w.message) for w in got_warnings if "ran out of data" in str(w.message)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +526,6 @@ def _generator_function():
         ({"workers": 1.5}, TypeError, "received 1.5 of type float"),
         ({"workers": "2"}, TypeError, "received '2' of type str"),
         ({"max_queue_size": 0}, ValueError, "max_queue_size must be >= 1"),
-        ({"x": np.zeros((4, 3))}, TypeError, "pass them to model.fit/evaluate/predict directly"),
         ({"x": 42}, TypeError, "received builtins.int 42"),
         ({"x": _generator_function}, TypeError, r"pass its result, f\(\), instead"),
         ({"x": kd.EmptyDataset()}, ValueError, r"x is empty: len\(x\) == 0"),

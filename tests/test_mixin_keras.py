@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 from compatmp import PickleSafeMixin  # noqa: E402
 

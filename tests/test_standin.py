@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-keras = pytest.importorskip("keras")
+keras = pytest.importorskip("keras", minversion="3")
 
 from compatmp import dumps, loads  # noqa: E402
 from compatmp._standin import keras_pydataset  # noqa: E402
