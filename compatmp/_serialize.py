@@ -376,10 +376,9 @@ def _reduce_by_type(obj: Any) -> Any:
         return NotImplemented if _has_own_reduction(type(obj)) else reducer(obj)
     # Keras' ImageDataGenerator iterators, without their unused generator attribute (NOTE
     # [ ImageDataGenerator iterators ] in _keras_image); NotImplemented for anything else.
-    rv = image_iterator_reduce(obj)
-    if rv is not NotImplemented and _has_own_reduction(type(obj)):
-        return NotImplemented
-    return rv
+    # No own-reduction check here: Keras' PyDataset base defines its own pickling hooks, and
+    # this rule exists precisely for these classes.
+    return image_iterator_reduce(obj)
 
 
 class CompatPickler(cloudpickle.Pickler):
