@@ -372,6 +372,25 @@ def _run(
     return _call_keras(session, lambda: method(keras_x, **kwargs))
 
 
+# The keyword arguments of fit/evaluate/predict that go to the loader (Loader.resolve), not to
+# Keras: each wrapper declares them for its signature and docs, and hands them on by name.
+_LOADER_SETTINGS = (
+    "workers",
+    "use_multiprocessing",
+    "max_queue_size",
+    "start_method",
+    "timeout",
+    "seed",
+    "worker_init_fn",
+    "stall_timeout",
+)
+
+
+def _loader_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The loader settings among a wrapper's ``locals()``."""
+    return {name: arguments[name] for name in _LOADER_SETTINGS}
+
+
 _LOADER_DOC = """
         workers (int | None): worker count; 0 loads batches in the caller's thread (default:
             None: the dataset's own ``workers`` if above 1, else ``min(4, os.cpu_count())``).
@@ -458,16 +477,7 @@ def fit(
         Exception: whatever ``dataset[i]`` raised in a worker, same type, with the worker's
             traceback as ``__cause__`` (TensorFlow would wrap it in ``InvalidArgumentError``).
     """
-    loader = {
-        "workers": workers,
-        "use_multiprocessing": use_multiprocessing,
-        "max_queue_size": max_queue_size,
-        "start_method": start_method,
-        "timeout": timeout,
-        "seed": seed,
-        "worker_init_fn": worker_init_fn,
-        "stall_timeout": stall_timeout,
-    }
+    loader = _loader_settings(locals())
     return _run("fit", model, x, args, kwargs, loader)
 
 
@@ -504,16 +514,7 @@ def evaluate(
         TypeError, ValueError, compatmp.StartMethodError, compatmp.WorkerCrashedError: as
             for :func:`fit`.
     """
-    loader = {
-        "workers": workers,
-        "use_multiprocessing": use_multiprocessing,
-        "max_queue_size": max_queue_size,
-        "start_method": start_method,
-        "timeout": timeout,
-        "seed": seed,
-        "worker_init_fn": worker_init_fn,
-        "stall_timeout": stall_timeout,
-    }
+    loader = _loader_settings(locals())
     return _run("evaluate", model, x, args, kwargs, loader)
 
 
@@ -552,16 +553,7 @@ def predict(
         TypeError, ValueError, compatmp.StartMethodError, compatmp.WorkerCrashedError: as
             for :func:`fit`.
     """
-    loader = {
-        "workers": workers,
-        "use_multiprocessing": use_multiprocessing,
-        "max_queue_size": max_queue_size,
-        "start_method": start_method,
-        "timeout": timeout,
-        "seed": seed,
-        "worker_init_fn": worker_init_fn,
-        "stall_timeout": stall_timeout,
-    }
+    loader = _loader_settings(locals())
     return _run("predict", model, x, args, kwargs, loader)
 
 

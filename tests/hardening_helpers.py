@@ -91,20 +91,11 @@ def current_thread_name() -> str:
     return threading.current_thread().name
 
 
-class StuckBatches:
+class StuckBatches(StuckAt):
     """Keras batches ``(x, y)`` of 4 features; ``dataset[stuck]`` blocks in :func:`stuck_here`."""
-
-    def __init__(self, n: int, stuck: int, seconds: float) -> None:
-        self.n = n
-        self.stuck = stuck
-        self.seconds = seconds
-
-    def __len__(self) -> int:
-        return self.n
 
     def __getitem__(self, i: int) -> tuple:
         import numpy as np
 
-        if i == self.stuck:
-            stuck_here(self.seconds)
-        return np.full((4, 4), i, dtype="float32"), np.zeros((4, 1), dtype="float32")
+        value = super().__getitem__(i)
+        return np.full((4, 4), value, dtype="float32"), np.zeros((4, 1), dtype="float32")

@@ -23,22 +23,11 @@ __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark suite (``python -m compatmp bench``) and print a Markdown report.
+    """Run the benchmark suite (``python -m compatmp bench``): :func:`compatmp.bench.cli.main`.
 
     Imports the command line on call, so that a worker process importing
-    ``compatmp.bench.workloads`` loads nothing else of the benchmark.
-
-    Args:
-        argv (list[str] | None): command-line arguments (default: None, meaning
-            ``sys.argv[1:]``); ``--help`` lists them.
-
-    Returns:
-        int: 0 when every child process reported a result (a loader that *fails* - e.g. Keras
-        under spawn with a lock in the dataset - is a result), 1 when a child crashed or timed
-        out.
-
-    Raises:
-        SystemExit: bad arguments (argparse), or ``--plot`` without matplotlib.
+    ``compatmp.bench.workloads`` loads nothing else of the benchmark. Arguments, return value
+    (0, or 1 when a child crashed or timed out) and errors are those of ``cli.main``.
     """
     from .cli import main as cli_main
 
