@@ -22,6 +22,14 @@ N_FEATURES = 3
 _WEIGHTS = np.array([0.5, -1.0, 2.0], dtype=np.float32)
 
 
+def assert_same_history(got: Any, expected: Any) -> None:
+    """Two ``History`` objects (Keras 3 or 2) recorded the same epochs and metric values."""
+    assert got.history.keys() == expected.history.keys()
+    assert got.epoch == expected.epoch
+    for key, values in expected.history.items():
+        np.testing.assert_allclose(got.history[key], values, rtol=1e-5, err_msg=key)
+
+
 def make_arrays(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features (n, 3) float32 with the sample id in column 0 (scaled), and targets (n, 1)."""
     rng = np.random.default_rng(seed)

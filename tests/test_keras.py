@@ -83,13 +83,6 @@ def recording_model(n_samples: int, seed: int = 1) -> RecordingModel:
     return model
 
 
-def assert_same_history(got, expected) -> None:
-    assert got.history.keys() == expected.history.keys()
-    assert got.epoch == expected.epoch
-    for key, values in expected.history.items():
-        np.testing.assert_allclose(got.history[key], values, rtol=1e-5, err_msg=key)
-
-
 # --------------------------------------------------------------------------------------------
 # fit: History, order, reshuffle
 
@@ -112,7 +105,7 @@ def test_fit_history_matches_plain_keras(method):
             verbose=0,
         )
     assert isinstance(got, keras.callbacks.History)
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     assert got.history["loss"][-1] < got.history["loss"][0]
 
 
@@ -248,7 +241,7 @@ def test_validation_dataset_is_loaded_by_the_workers(method):
         verbose=0,
     )
     assert "val_loss" in got.history
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
 
 
 @pytest.mark.timeout(60)
@@ -287,7 +280,7 @@ def test_keras_pydataset_under_spawn_uses_its_own_workers_setting():
         got = compatmp.fit(
             tiny_model(), dataset, start_method="spawn", epochs=2, shuffle=False, verbose=0
         )
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
 
 
 def _resolve_workers(x, workers):
@@ -388,7 +381,7 @@ def test_generator_is_loaded_by_a_thread_in_order():
         got = compatmp.fit(
             tiny_model(), kd.batch_generator(30), steps_per_epoch=5, epochs=3, verbose=0
         )
-    assert_same_history(got, expected)  # same batches in the same order
+    kd.assert_same_history(got, expected)  # same batches in the same order
 
 
 @pytest.mark.timeout(60)
@@ -426,7 +419,7 @@ def test_finite_generator_without_steps_per_epoch_behaves_as_in_keras():
     with warnings.catch_warnings(record=True) as got_warnings:
         warnings.simplefilter("always")
         got = compatmp.fit(tiny_model(), kd.batch_generator(5), epochs=2, verbose=0)
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     ran_out = [str(w.message) for w in plain_warnings if "ran out of data" in str(w.message)]
     assert ran_out == [str(w.message) for w in got_warnings if "ran out of data" in str(w.message)]
 

@@ -63,12 +63,6 @@ def recording_model(n_samples: int, seed: int = 1):
     return model
 
 
-def assert_same_history(got, expected) -> None:
-    assert got.history.keys() == expected.history.keys()
-    for key, values in expected.history.items():
-        np.testing.assert_allclose(got.history[key], values, rtol=1e-5, err_msg=key)
-
-
 def test_flavour_comes_from_the_model():
     assert keras_flavour(tiny_model()) == (2, tf_keras.__name__)
     assert keras_flavour(object()) is None
@@ -101,7 +95,7 @@ def test_locked_sequence_trains_evaluates_and_predicts_in_processes(method):
             max_queue_size=4,
             start_method=method,
         )
-        assert_same_history(got, expected)
+        kd.assert_same_history(got, expected)
         loss = compatmp.evaluate(model, seq(48, 8), workers=2, start_method=method, verbose=0)
         np.testing.assert_allclose(loss, model.evaluate(seq(48, 8), verbose=0), rtol=1e-6)
         predicted = compatmp.predict(model, seq(48, 8), workers=2, start_method=method, verbose=0)
@@ -139,7 +133,7 @@ def test_keras2_positional_loader_arguments():
     ]
     got = compatmp.fit(tiny_model(), seq(48, 8), *args)
     expected = tiny_model().fit(seq(48, 8), epochs=2, shuffle=False, verbose=0)
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     with pytest.raises(TypeError, match="multiple values for argument 'workers'"):
         compatmp.fit(tiny_model(), seq(48, 8), *args, workers=2)
 
@@ -223,11 +217,11 @@ def test_generator_and_arrays():
         got = compatmp.fit(
             tiny_model(), kd.batch_generator(30), steps_per_epoch=5, epochs=3, verbose=0
         )
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     x, y = kd.make_arrays(48)
     expected = tiny_model().fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
     got = compatmp.fit(tiny_model(), x, y, 8, 2, 0, shuffle=False)
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
 
 
 _LEGACY_SCRIPT = textwrap.dedent(

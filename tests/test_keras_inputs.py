@@ -40,13 +40,6 @@ def tiny_model(seed: int = 1) -> keras.Model:
     return model
 
 
-def assert_same_history(got, expected) -> None:
-    assert got.history.keys() == expected.history.keys()
-    assert got.epoch == expected.epoch
-    for key, values in expected.history.items():
-        np.testing.assert_allclose(got.history[key], values, rtol=1e-5, err_msg=key)
-
-
 @pytest.fixture
 def no_pool(monkeypatch):
     """Fail if a pool starts."""
@@ -123,7 +116,7 @@ def test_data_keras_loads_itself_goes_to_model_fit_unchanged(x, kwargs, no_pool,
     if isinstance(expected, type):
         assert got is expected
     else:
-        assert_same_history(got, expected)
+        kd.assert_same_history(got, expected)
     said = [r.getMessage() for r in caplog.records if "no workers needed" in r.getMessage()]
     assert len(said) == 1  # once
 
@@ -172,7 +165,7 @@ def test_positional_arguments_follow_model_fit():
         False,
         start_method="thread",
     )
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     assert len(got.history["val_loss"]) == 2
 
 
@@ -231,7 +224,7 @@ def test_num_batches_pydataset_is_loaded_by_the_pool(method, n_batches, pool_kwa
             verbose=0,
             **steps,
         )
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
     assert [c["start_method"] for c in pool_kwargs] == [method]
 
 
@@ -318,4 +311,4 @@ def test_torch_dataloader_goes_to_model_fit_unchanged(no_pool):
     )
     expected = tiny_model().fit(loader, epochs=2, verbose=0)
     got = compatmp.fit(tiny_model(), loader, epochs=2, verbose=0)
-    assert_same_history(got, expected)
+    kd.assert_same_history(got, expected)
