@@ -111,3 +111,29 @@ def check_seconds(value: Any, name: str, *, allow_zero: bool = False) -> float |
             f"received {value!r}."
         )
     return float(value)
+
+
+def check_seed(value: Any) -> int | None:
+    """Check a base seed: None (a fresh random seed) or an int >= 0.
+
+    Raises:
+        TypeError: not an int (nor None).
+        ValueError: negative.
+    """
+    if value is None:
+        return None
+    return check_int(value, "seed", 0, "Or pass seed=None for a random seed.")
+
+
+def check_worker_init_fn(value: Any) -> Any:
+    """Check ``worker_init_fn``: None or a callable taking the worker id (an int).
+
+    Raises:
+        TypeError: neither None nor callable.
+    """
+    if value is not None and not callable(value):
+        raise TypeError(
+            "worker_init_fn must be a callable taking the worker id, or None; received "
+            f"{describe(value)}."
+        )
+    return value

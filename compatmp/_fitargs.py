@@ -25,9 +25,10 @@ from typing import Any
 
 from ._args import (
     DEFAULT_MAX_QUEUE_SIZE,
-    check_int,
     check_max_queue_size,
     check_seconds,
+    check_seed,
+    check_worker_init_fn,
     check_workers,
     describe,
 )
@@ -243,13 +244,8 @@ class Loader:
             check_max_queue_size(max_queue_size)
         timeout = check_seconds(timeout, "timeout")
         stall_timeout = check_seconds(stall_timeout, "stall_timeout", allow_zero=True)
-        if seed is not None:
-            check_int(seed, "seed", 0, "Or pass seed=None for a random seed.")
-        if worker_init_fn is not None and not callable(worker_init_fn):
-            raise TypeError(
-                f"worker_init_fn must be a callable taking the worker id, or None; received "
-                f"{describe(worker_init_fn)}."
-            )
+        check_seed(seed)
+        check_worker_init_fn(worker_init_fn)
         if use_multiprocessing is True and start_method == "thread":
             raise ValueError(
                 "use_multiprocessing=True asks for worker processes, but start_method='thread' "

@@ -21,6 +21,8 @@ from ._args import (
     check_int,
     check_max_queue_size,
     check_seconds,
+    check_seed,
+    check_worker_init_fn,
     check_workers,
 )
 from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
@@ -134,13 +136,8 @@ class OrderedPool:
         self._max_queue_size = check_max_queue_size(max_queue_size)
         self._timeout = check_seconds(timeout, "timeout")
         stall = check_seconds(stall_timeout, "stall_timeout", allow_zero=True) or None
-        if worker_init_fn is not None and not callable(worker_init_fn):
-            raise TypeError(
-                f"worker_init_fn must be a callable taking the worker id, or None; got "
-                f"{type(worker_init_fn).__name__}"
-            )
-        if seed is not None:
-            check_int(seed, "seed", 0, "Or pass seed=None for a random seed.")
+        check_worker_init_fn(worker_init_fn)
+        check_seed(seed)
         self._seed = seed if seed is not None else secrets.randbits(64)
 
         decision = decide_start_method(start_method)
