@@ -549,14 +549,7 @@ class _Core:
             except Exception:
                 pass
         deadline = time.monotonic() + SHUTDOWN_TIMEOUT
-        if self.method == "ray":  # kill the actors, free their objects, release Ray
-            from . import _ray
-
-            _ray.shutdown(self.handles)
-            return
-        if self.in_process:
-            self._join_processes(deadline)
-        else:
+        if not self.in_process:
             for h in self.handles:
                 h.channel.close()  # a worker busy in dataset[i] ends after its batch
             me = threading.current_thread()
@@ -564,13 +557,19 @@ class _Core:
                 if h.thread is not me:  # GC may run this finalizer in a worker thread
                     h.thread.join(max(0.0, deadline - time.monotonic()))
             return
-        for h in self.handles:
-            self._drain_quietly(h)
-            h.channel.close()
+        if self.method == "ray":  # kill the actors, free their objects, release Ray
+            from . import _ray
+
+            _ray.shutdown(self.handles)
+        else:
+            self._join_processes(deadline)
+            for h in self.handles:
+                self._drain_quietly(h)
+                h.channel.close()
         self.attachments.close()  # arrays the consumer still holds stay valid
         self.leased.clear()
         self.released.clear()
-        if self.sharer is not None:
+        if self.sharer is not None:  # Ray too: the sharer's bookkeeping, no blocks there
             self.sharer.close()  # the dataset's blocks: workers are gone
         if self.shm_prefix is not None:
             _shm.sweep(self.shm_prefix)
