@@ -9,7 +9,7 @@ Data flow (one pool, ``workers=3``; ``imap`` runs in the consumer's thread, no h
                              main process                          |   worker processes
                                                                    |   (or worker threads)
   indices ---> imap() --dispatch--> least-loaded worker            |
-     (at most max_queue_size        ("task", send_idx, index) ---------> worker_main loop 0
+     (at most max_queue_size        ("task", send_idx, index, pass) ---> worker_main loop 0
       dispatched and not yet                                       |     dataset[index]
       yielded)                                                     |     big arrays -> its
                                                                    |      SharedMemory blocks

@@ -567,8 +567,7 @@ def _loop(
             return
         kind = msg[0]
         if kind == TASK:
-            pass_number = msg[3] if len(msg) > 3 else 0
-            _run_task(channel, config, dataset, msg[1], msg[2], blocks, pass_number)
+            _run_task(channel, config, dataset, msg[1], msg[2], blocks, msg[3])
         elif kind == DATASET:
             try:
                 dataset = _materialize(msg[2], config.in_process)
