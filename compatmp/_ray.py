@@ -243,7 +243,7 @@ class _WorkerActor:
     Args (of the constructor, passed by Ray):
         config (WorkerConfig): without ``dataset``/``init_fn`` (they come as the next two
             arguments, which Ray resolves from the object store: one copy for all actors).
-        dataset (bytes): the pickled dataset.
+        dataset (object): the pickled dataset (as the pool prepared it for processes).
         init_fn (bytes | None): the pickled ``worker_init_fn``.
         sys_path (list[str]): the main process's ``sys.path``.
         cwd (str): the main process's working directory.
@@ -501,8 +501,8 @@ class RayTransport(Transport):
     def start(self, configs: list[_worker.WorkerConfig]) -> None:
         """Start one worker actor per config; initialises Ray first if the program has not.
 
-        ``dataset`` and ``init_fn`` of the configs are pickled bytes, the same for every
-        config: put into the object store once.
+        ``dataset`` and ``init_fn`` of the configs are what the pool prepared for processes
+        (pickled, the same for every config): put into the object store once.
 
         Raises:
             StartMethodError: Ray is not installed.
