@@ -161,6 +161,11 @@ class Transport:
     Subclasses implement :meth:`start`, :meth:`wait` and :meth:`shutdown`; the rest has
     defaults that fit workers in processes.
 
+    Args:
+        method (str): the start method the pool resolved (``"fork"``, ``"thread"``, ...).
+        stall_timeout (float | None): the pool's stall timeout in seconds (None or 0: no
+            stall reports, so no stack files are prepared).
+
     Attributes:
         handles (list[WorkerHandle]): one per worker, index = worker id; filled by
             :meth:`start` as the workers start (so a failed start can be shut down).
@@ -169,11 +174,6 @@ class Transport:
     """
 
     def __init__(self, method: str, stall_timeout: float | None) -> None:
-        """Args:
-        method (str): the start method the pool resolved (``"fork"``, ``"thread"``, ...).
-        stall_timeout (float | None): the pool's stall timeout in seconds (None or 0: no
-            stall reports, so no stack files are prepared).
-        """
         self.method = method
         self.stall_timeout = stall_timeout
         self.handles: list[WorkerHandle] = []
