@@ -1,8 +1,8 @@
-"""How a worker starts: processes (without ``__main__``, with a forkserver preload) and threads.
+"""How a worker process starts: without ``__main__``, SIGINT blocked, with a forkserver preload.
 
-The running pool (:mod:`compatmp._core`) builds one :class:`compatmp._worker.WorkerConfig` per
-worker and calls :func:`start_processes` or :func:`start_threads`; what happens in a worker
-after it starts is :mod:`compatmp._worker`'s job.
+The process transport (:mod:`compatmp._processes`) calls :func:`start_processes` with one
+:class:`compatmp._worker.WorkerConfig` per worker and owns the processes afterwards; what
+happens in a worker after it starts is :mod:`compatmp._worker`'s job.
 
 NOTE [ Workers do not re-run __main__ ]
 A spawn or forkserver child normally re-imports the user's script as ``__mp_main__``
@@ -36,17 +36,17 @@ process-wide, so it also applies to other forkserver users in the program (who t
 
 from __future__ import annotations
 
-import collections
 import multiprocessing
 import pickletools
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from . import _worker
 
-__all__ = ["start_processes", "start_threads"]
+__all__ = ["start_processes"]
 
 # Top-level modules never worth preloading in the forkserver (see NOTE [ Forkserver preload ]).
 _NOT_PRELOADED = frozenset({"__main__", "__builtin__", "builtins", "copyreg", "_codecs"})
@@ -195,74 +195,32 @@ def _forkserver_preload(ctx: Any, payloads: list[Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker handles (main side)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Handle:
-    """The main side's view of one worker."""
-
-    def __init__(self, worker_id: int, channel: Any) -> None:
-        self.id = worker_id
-        self.channel = channel
-        self.outstanding: collections.deque[int] = collections.deque()
-        self.stopping = False
-        self.ready = False
-        self.version = 0
-        self.pid: int | None = None
-
-    def is_alive(self) -> bool:
-        raise NotImplementedError
-
-    def exitcode(self, wait: float) -> int | None:
-        """The exit code (negative: killed by that signal), after reaping up to ``wait`` s."""
-        return None
-
-
-class _ProcessHandle(_Handle):
-    def __init__(self, worker_id: int, channel: Any, proc: Any) -> None:
-        super().__init__(worker_id, channel)
-        self.proc = proc
-
-    def is_alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def exitcode(self, wait: float) -> int | None:
-        self.proc.join(timeout=wait)  # a zombie is reaped at once
-        return self.proc.exitcode
-
-
-class _ThreadHandle(_Handle):
-    def __init__(self, worker_id: int, channel: Any, thread: threading.Thread) -> None:
-        super().__init__(worker_id, channel)
-        self.thread = thread
-
-    def is_alive(self) -> bool:
-        return self.thread.is_alive()
-
-
-# ---------------------------------------------------------------------------------------------
-# Starting the workers
+# Starting the worker processes
 # ---------------------------------------------------------------------------------------------
 
 
 def start_processes(
-    method: str, configs: list[_worker.WorkerConfig], handles: list[_Handle]
+    method: str,
+    configs: list[_worker.WorkerConfig],
+    register: Callable[[_worker.WorkerConfig, Any, Any], None],
 ) -> None:
-    """Start one worker process per config.
+    """Start one worker process per config (the process transport's start-up).
 
-    Each handle is appended to ``handles`` *before* its process starts, so a worker forked
-    later closes the main side of this one's pipe (the at-fork hook in :mod:`compatmp._core`).
+    ``register(config, main_conn, proc)`` is called for each worker *before* its process
+    starts, so the transport holds the main side of this one's pipe when a worker forked
+    later runs the at-fork hook of :mod:`compatmp._core` (which closes it in the child).
 
     Args:
         method (str): ``"fork"``, ``"forkserver"`` or ``"spawn"``.
-        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are pickled
-            bytes (the forkserver preload is read from the first config's).
-        handles (list[_Handle]): receives a :class:`_ProcessHandle` per worker.
+        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are what
+            :mod:`compatmp._shared_data` made of them (the forkserver preload is read from
+            the first config's).
+        register (Callable[[WorkerConfig, Connection, BaseProcess], None]): receives each
+            worker's main-side pipe end and its (not yet started) process.
 
     Raises:
-        Exception: whatever starting a process raised; the workers started so far are in
-            ``handles``, for the caller to shut down.
+        Exception: whatever starting a process raised; the workers registered so far are the
+            caller's to shut down.
     """
     ctx = multiprocessing.get_context(method)
     if method != "fork":
@@ -278,35 +236,8 @@ def start_processes(
             name=f"compatmp-worker-{config.worker_id}",
             daemon=True,
         )
-        handle = _ProcessHandle(config.worker_id, _worker.ConnectionChannel(main_conn), proc)
-        handles.append(handle)
+        register(config, main_conn, proc)
         try:
             _start_without_main(proc, method)
         finally:
             child_conn.close()
-        handle.pid = proc.pid
-
-
-def start_threads(
-    configs: list[_worker.WorkerConfig], cond: threading.Condition, handles: list[_Handle]
-) -> None:
-    """Start one worker thread per config, appending a :class:`_ThreadHandle` to ``handles``.
-
-    Args:
-        configs (list[WorkerConfig]): one per worker; ``dataset`` is the object itself.
-        cond (threading.Condition): notified whenever a worker sends the main side a message.
-        handles (list[_Handle]): receives the handles.
-
-    Raises:
-        RuntimeError: a thread could not be started; the ones started are in ``handles``.
-    """
-    for config in configs:
-        main_end, worker_end = _worker.thread_channel_pair(cond)
-        thread = threading.Thread(
-            target=_worker.worker_main,
-            args=(worker_end, config),
-            name=f"compatmp-worker-{config.worker_id}",
-            daemon=True,
-        )
-        thread.start()
-        handles.append(_ThreadHandle(config.worker_id, main_end, thread))

@@ -3,9 +3,9 @@
 :class:`PickleSafeMixin` gives a class the treatment :func:`compatmp.dumps` gives everything
 (locks rebuilt unlocked, queues with their items, read-only files reopened, lambdas by value),
 so it also works with Keras' own ``use_multiprocessing=True`` and with ``torch.utils.data``.
-The state is written with :class:`compatmp._serialize.CompatPickler`; this module imports
-:mod:`compatmp._serialize` inside functions because that module imports this one (its pickler
-recognises mixin objects).
+The state is written with :class:`compatmp._pickler.CompatPickler`, which recognises mixin
+objects by their ``__compatmp_reduce__`` method, not by class, so this module imports the
+pickler and never the other way round.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import pickle
 from typing import Any
 
 from ._exceptions import serialization_error
+from ._pickler import CompatPickler
+from ._serialize import failure_message
+from ._unpicklable import search
 
 __all__ = ["PickleSafeMixin"]
 
@@ -42,6 +45,17 @@ class _StateUnpickler(pickle.Unpickler):
 def _natural_reduce(obj: Any, protocol: int) -> tuple:
     """The reduction ``object.__reduce_ex__`` gives, i.e. ignoring PickleSafeMixin's."""
     return object.__reduce_ex__(obj, protocol)
+
+
+class _StatePickler(CompatPickler):
+    """Pickles a PickleSafeMixin object's state; the object itself becomes a reference."""
+
+    def __init__(self, file: Any, owner: Any) -> None:
+        super().__init__(file)
+        self._owner = owner
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return _SELF_PID if obj is self._owner else None
 
 
 def _make_pickle_safe(func: Any, args: tuple, blob: bytes) -> Any:
@@ -106,9 +120,6 @@ class PickleSafeMixin:
         state = rv[2] if len(rv) > 2 else None
         listitems = list(rv[3]) if len(rv) > 3 and rv[3] is not None else None
         dictitems = list(rv[4]) if len(rv) > 4 and rv[4] is not None else None
-        from ._serialize import _failure_message, _StatePickler
-        from ._unpicklable import search
-
         buf = io.BytesIO()
         try:
             _StatePickler(buf, self).dump((state, listitems, dictitems))
@@ -122,9 +133,17 @@ class PickleSafeMixin:
                     complete = complete and done
             else:
                 found, complete = search(state, f"{root}.<state>")
-            message = _failure_message(root, exc, found, complete)
+            message = failure_message(root, exc, found, complete)
             raise serialization_error(type(exc), message, found) from exc
         return _make_pickle_safe, (func, args, buf.getvalue())
+
+    def __compatmp_reduce__(self, protocol: int) -> tuple:
+        """The reduction :class:`compatmp.CompatPickler` uses: the natural one.
+
+        That pickler already applies every rule the mixin exists for, so objects shared
+        inside and outside this one keep one identity in a single pickle.
+        """
+        return _natural_reduce(self, protocol)
 
     def __copy__(self) -> Any:
         cls = type(self)

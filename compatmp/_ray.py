@@ -1,9 +1,11 @@
 """Ray actors as workers (``start_method="ray"``): the same worker loop, past one machine.
 
 Only this module imports Ray, and only when a pool with ``start_method="ray"`` starts.
-:mod:`compatmp._core` calls :func:`start_actors`, :func:`wait` and :func:`shutdown` where it
-would start, wait on and stop worker processes; everything else in the pool (dispatch, reorder
-buffer, timeouts, dataset updates, error messages) is the same code for every start method.
+:class:`RayTransport` is one implementation of NOTE [ Worker transports ]
+(:mod:`compatmp._transport`), beside the process and thread transports: the running pool
+(:mod:`compatmp._core`) starts, waits on and stops actors through it exactly as it does
+processes; everything else in the pool (dispatch, reorder buffer, timeouts, dataset updates,
+error messages) is the same code for every start method.
 
 NOTE [ Ray workers ]
 Each worker is one Ray actor (``_WorkerActor``) that runs the unchanged
@@ -20,8 +22,9 @@ Ray queue (one more actor, and a hung ``dataset[i]`` would block the queue reads
 
 Main side: :class:`RayChannel` turns each ``send`` into ``actor.step.remote(msg)`` and keeps
 the returned ``ObjectRef`` (calls to one actor run in order, so replies come back in order);
-:func:`wait` does for Ray what ``multiprocessing.connection.wait`` on pipes and sentinels does
-for processes: one ``ray.wait`` over the oldest pending reply of every actor. A reply is a Ray
+:meth:`RayTransport.wait` does for Ray what ``multiprocessing.connection.wait`` on pipes and
+sentinels does for processes: one ``ray.wait`` over the oldest pending reply of every actor.
+A reply is a Ray
 object: NumPy arrays in it come back zero-copy from the object store on the same node
 (read-only views; Ray's objects are immutable), copied once over the network from another
 node. Nothing is in flight beyond what the pool dispatched (``max_queue_size`` batches not yet
@@ -63,18 +66,17 @@ from typing import Any
 
 from . import _worker
 from ._exceptions import StartMethodError
-from ._launch import _Handle
+from ._transport import Transport, WorkerHandle
 
 __all__ = [
     "ACTOR_OPTIONS_ENV_VAR",
     "ACTOR_START_TIMEOUT",
     "DEFAULT_ACTOR_OPTIONS",
     "RayChannel",
+    "RayHandle",
+    "RayTransport",
     "actor_options",
     "check_available",
-    "shutdown",
-    "start_actors",
-    "wait",
 ]
 
 # How long an actor may take from creation to "ready" (seconds) before it counts as crashed.
@@ -241,7 +243,7 @@ class _WorkerActor:
     Args (of the constructor, passed by Ray):
         config (WorkerConfig): without ``dataset``/``init_fn`` (they come as the next two
             arguments, which Ray resolves from the object store: one copy for all actors).
-        dataset (bytes): the pickled dataset.
+        dataset (object): the pickled dataset (as the pool prepared it for processes).
         init_fn (bytes | None): the pickled ``worker_init_fn``.
         sys_path (list[str]): the main process's ``sys.path``.
         cwd (str): the main process's working directory.
@@ -336,7 +338,7 @@ def _release_ray(owned: bool) -> None:
             ray.shutdown()
 
 
-class _Transport:
+class _RayUse:
     """Per pool: whether it owns the Ray instance, and the last dataset update in the store."""
 
     def __init__(self, owned: bool) -> None:
@@ -369,16 +371,16 @@ class RayChannel:
     """The main side's :class:`compatmp._worker.Channel` to one worker actor.
 
     ``send`` is one ``actor.step.remote``; received messages are the contents of replies
-    fetched by :meth:`poll` (or by :func:`wait`).
+    fetched by :meth:`poll` (or by :meth:`RayTransport.wait`).
 
     Args:
         actor (ray.actor.ActorHandle): the worker actor.
-        transport (_Transport): the pool's Ray bookkeeping.
+        ray_use (_RayUse): the pool's Ray bookkeeping.
     """
 
-    def __init__(self, actor: Any, transport: _Transport) -> None:
+    def __init__(self, actor: Any, ray_use: _RayUse) -> None:
         self.actor = actor
-        self.transport = transport
+        self.ray_use = ray_use
         self.pending: collections.deque = collections.deque()  # (ObjectRef, is_start)
         self.inbox: collections.deque = collections.deque()
         self.error: str | None = None  # why the actor is gone (None while it lives)
@@ -390,7 +392,7 @@ class RayChannel:
         if self.error is not None:
             raise EOFError(f"the Ray actor is gone: {self.error}")
         if msg[0] == _worker.DATASET and isinstance(msg[2], bytes):
-            msg = (msg[0], msg[1], self.transport.put_payload(msg[2]))
+            msg = (msg[0], msg[1], self.ray_use.put_payload(msg[2]))
         try:
             ref = self.actor.step.remote(msg)
         except Exception as exc:  # Ray shut down under us, ...
@@ -451,8 +453,8 @@ class RayChannel:
         self.inbox.clear()
 
 
-class _RayHandle(_Handle):
-    """The core's view of one worker actor (see :class:`compatmp._launch._Handle`)."""
+class RayHandle(WorkerHandle):
+    """The core's view of one worker actor (see :class:`compatmp._transport.WorkerHandle`)."""
 
     def __init__(self, worker_id: int, channel: RayChannel) -> None:
         super().__init__(worker_id, channel)
@@ -461,8 +463,8 @@ class _RayHandle(_Handle):
     def is_alive(self) -> bool:
         return self.channel.error is None
 
-    def describe_death(self) -> tuple[str, str]:
-        """``(who, how)`` for the core's ``WorkerCrashedError`` message."""
+    def describe_death(self, code: int | None) -> tuple[str, str]:
+        """``(who, how)``: the actor's node and pid, and Ray's error (``code`` is unused)."""
         ch = self.channel
         where = ", ".join(
             part
@@ -475,6 +477,12 @@ class _RayHandle(_Handle):
         who = f"worker {self.id} (Ray actor{' on ' + where if where else ''})"
         return who, f"is gone ({ch.error})"
 
+    def stack(self) -> str:
+        if not self.ready:
+            return "(no stack: the worker is still starting or loading the dataset)"
+        # An actor may run on another machine: no local stack file, no signal to its pid.
+        return "(no stack: worker stacks are not available for Ray actors)"
+
 
 def _first_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
@@ -482,85 +490,113 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(lines[:3])[:400]
 
 
-def start_actors(configs: list[_worker.WorkerConfig], handles: list[_Handle]) -> None:
-    """Start one worker actor per config, appending a handle for each to ``handles``.
-
-    Initialises Ray first if the program has not (see NOTE [ Ray workers ]).
+class RayTransport(Transport):
+    """Worker actors on a Ray cluster (``start_method="ray"``, NOTE [ Ray workers ]).
 
     Args:
-        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are pickled
-            bytes (the same for every config: put into the object store once).
-        handles (list[_Handle]): receives the handles.
-
-    Raises:
-        StartMethodError: Ray is not installed.
-        ValueError: ``COMPATMP_RAY_ACTOR_OPTIONS`` is malformed, or Ray rejected the options.
-        Exception: whatever ``ray.init`` raised (e.g. ``RAY_ADDRESS`` unreachable).
+        method (str): ``"ray"``.
+        stall_timeout (float | None): unused (actors get no stack files).
     """
-    check_available()
-    import ray
 
-    options = actor_options()
-    transport = _Transport(_acquire_ray(len(configs)))
-    try:
+    def start(self, configs: list[_worker.WorkerConfig]) -> None:
+        """Start one worker actor per config; initialises Ray first if the program has not.
+
+        ``dataset`` and ``init_fn`` of the configs are what the pool prepared for processes
+        (pickled, the same for every config): put into the object store once.
+
+        Raises:
+            StartMethodError: Ray is not installed.
+            ValueError: ``COMPATMP_RAY_ACTOR_OPTIONS`` is malformed, or Ray rejected the
+                options.
+            Exception: whatever ``ray.init`` raised (e.g. ``RAY_ADDRESS`` unreachable).
+        """
+        check_available()
+        import ray
+
+        options = actor_options()
+        ray_use = _RayUse(_acquire_ray(len(configs)))
         try:
-            cls = _actor_class().options(**options)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"Ray rejected the worker actor options {options!r} ({exc}); check "
-                f"{ACTOR_OPTIONS_ENV_VAR}"
-            ) from exc
-        first = configs[0]
-        dataset_ref = ray.put(first.dataset)
-        init_ref = None if first.init_fn is None else ray.put(first.init_fn)
-        cwd = os.getcwd()
-        for config in configs:
-            bare = replace(config, dataset=None, init_fn=None)
-            actor = cls.remote(bare, dataset_ref, init_ref, list(sys.path), cwd)
-            channel = RayChannel(actor, transport)
-            channel.pending.append((actor.start.remote(), True))
-            handles.append(_RayHandle(config.worker_id, channel))
-    except BaseException:
-        if not handles:
-            transport.release()
-        raise
+            try:
+                cls = _actor_class().options(**options)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"Ray rejected the worker actor options {options!r} ({exc}); check "
+                    f"{ACTOR_OPTIONS_ENV_VAR}"
+                ) from exc
+            first = configs[0]
+            dataset_ref = ray.put(first.dataset)
+            init_ref = None if first.init_fn is None else ray.put(first.init_fn)
+            cwd = os.getcwd()
+            for config in configs:
+                # Batches come back through Ray's object store: no shared-memory prefix.
+                bare = replace(
+                    config,
+                    dataset=None,
+                    init_fn=None,
+                    in_process=True,
+                    shm_prefix=None,
+                    stack_file=None,
+                )
+                actor = cls.remote(bare, dataset_ref, init_ref, list(sys.path), cwd)
+                channel = RayChannel(actor, ray_use)
+                channel.pending.append((actor.start.remote(), True))
+                self.handles.append(RayHandle(config.worker_id, channel))
+        except BaseException:
+            if not self.handles:
+                ray_use.release()
+            raise
 
+    def wait(
+        self, handles: list[WorkerHandle], timeout: float
+    ) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
+        """Wait up to ``timeout`` seconds for a reply from any actor.
 
-def wait(handles: list[_Handle], timeout: float) -> tuple[list[_Handle], list[_Handle]]:
-    """Wait up to ``timeout`` seconds for a reply from any actor (the core's ``_wait``).
+        An actor not ready within :data:`ACTOR_START_TIMEOUT` counts as gone (its node, or
+        the cluster's resources, are missing).
+        """
+        import ray
 
-    Args:
-        handles (list[_Handle]): the live :class:`_RayHandle` objects.
-        timeout (float): seconds.
+        actors: list[RayHandle] = handles  # type: ignore[assignment]
+        now = time.monotonic()
+        for h in actors:
+            if h.channel.error is None and not h.ready and now - h.started > ACTOR_START_TIMEOUT:
+                h.channel.error = (
+                    f"it did not start within {ACTOR_START_TIMEOUT:.0f} s: the cluster may "
+                    f"lack the resources each worker asks for ({actor_options()}); the "
+                    f"cluster has {_cluster_resources()}"
+                )
+        heads = {h.channel.head(): h for h in actors if not h.channel.inbox and h.channel.head()}
+        if any(h.channel.inbox or h.channel.error is not None for h in actors):
+            timeout = 0.0
+        if heads:
+            ready, _ = ray.wait(list(heads), num_returns=1, timeout=timeout)
+            if ready:
+                ready, _ = ray.wait(list(heads), num_returns=len(heads), timeout=0)
+            for ref in ready:
+                heads[ref].channel.take_head()
+        elif timeout > 0:
+            time.sleep(timeout)
+        readable: list[WorkerHandle] = [h for h in actors if h.channel.inbox]
+        dead: list[WorkerHandle] = [
+            h for h in actors if h.channel.error is not None and not h.channel.inbox
+        ]
+        return readable, dead
 
-    Returns:
-        tuple[list, list]: handles with messages to receive, handles whose actor is gone
-        (died, node lost, or not started within :data:`ACTOR_START_TIMEOUT`).
-    """
-    import ray
+    def shutdown(self, deadline: float, drain: Any) -> None:
+        """Kill every actor, drop every pending reply, and release Ray."""
+        import ray
 
-    now = time.monotonic()
-    for h in handles:
-        if h.channel.error is None and not h.ready and now - h.started > ACTOR_START_TIMEOUT:
-            h.channel.error = (
-                f"it did not start within {ACTOR_START_TIMEOUT:.0f} s: the cluster may lack "
-                f"the resources each worker asks for ({actor_options()}); the cluster has "
-                f"{_cluster_resources()}"
-            )
-    heads = {h.channel.head(): h for h in handles if not h.channel.inbox and h.channel.head()}
-    if any(h.channel.inbox or h.channel.error is not None for h in handles):
-        timeout = 0.0
-    if heads:
-        ready, _ = ray.wait(list(heads), num_returns=1, timeout=timeout)
-        if ready:
-            ready, _ = ray.wait(list(heads), num_returns=len(heads), timeout=0)
-        for ref in ready:
-            heads[ref].channel.take_head()
-    elif timeout > 0:
-        time.sleep(timeout)
-    readable = [h for h in handles if h.channel.inbox]
-    dead = [h for h in handles if h.channel.error is not None and not h.channel.inbox]
-    return readable, dead
+        ray_use = None
+        for h in self.handles:
+            ch = h.channel
+            ray_use = ch.ray_use
+            try:
+                ray.kill(ch.actor, no_restart=True)
+            except Exception:
+                pass  # already dead, or Ray is shut down (at exit Ray's hook runs first)
+            ch.close()
+        if ray_use is not None:
+            ray_use.release()
 
 
 def _cluster_resources() -> Any:
@@ -570,20 +606,3 @@ def _cluster_resources() -> Any:
         return ray.cluster_resources()
     except Exception as exc:  # pragma: no cover - diagnostics only
         return f"unknown ({exc})"
-
-
-def shutdown(handles: list[_Handle]) -> None:
-    """Kill every actor, drop every pending reply, and release Ray (the core's close)."""
-    import ray
-
-    transport = None
-    for h in handles:
-        ch = h.channel
-        transport = ch.transport
-        try:
-            ray.kill(ch.actor, no_restart=True)
-        except Exception:
-            pass  # already dead, or Ray is shut down (at interpreter exit Ray's hook runs first)
-        ch.close()
-    if transport is not None:
-        transport.release()

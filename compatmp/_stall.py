@@ -46,7 +46,6 @@ __all__ = [
     "install_in_worker",
     "process_stack",
     "report",
-    "report_worker",
     "supported",
     "thread_stack",
 ]
@@ -176,30 +175,3 @@ def report(who: str, waited: float, awaited: Any, holding: Any, stack: str) -> N
         holding,
         stack.rstrip(),
     )
-
-
-def report_worker(
-    handle: Any, stack_file: StackFile | None, waited: float, awaited: Any, holding: Any
-) -> None:
-    """Get the stack of the worker behind ``handle`` and :func:`report` the stall.
-
-    Args:
-        handle (object): the main side's handle of the worker (``compatmp._launch``): a
-            process handle (``proc``, ``pid``, ``ready``) or a thread handle (``thread``).
-        stack_file (StackFile | None): the worker process's stack file, if it has one.
-        waited (float): seconds waited so far.
-        awaited (object): the index the consumer waits for.
-        holding (object): the index the worker is computing.
-    """
-    if getattr(handle, "thread", None) is not None:
-        who = f"worker thread {handle.id} (in the main process, pid {os.getpid()})"
-        stack = thread_stack(handle.thread.ident)
-    else:
-        who = f"worker {handle.id} (pid {handle.pid})"
-        if not handle.ready:
-            stack = "(no stack: the worker is still starting or loading the dataset)"
-        elif stack_file is None or handle.pid is None:
-            stack = "(no stack: worker stacks are not available on this platform)"
-        else:
-            stack = process_stack(handle.pid, stack_file)
-    report(who, waited, awaited, holding, stack)

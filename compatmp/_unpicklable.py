@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ._serialize import PROTOCOL, CompatPickler, _simple_queue_reduce, _SimpleQueueTypes
+from ._pickler import PROTOCOL, CompatPickler, _simple_queue_reduce, _SimpleQueueTypes
 
 __all__ = ["Unpicklable", "find_unpicklable", "search"]
 

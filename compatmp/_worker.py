@@ -12,8 +12,9 @@ main -> worker::
 
     ("task", send_idx, index, pass)    compute dataset[index]; pass (int) is the pool's pass
                                        number, for NOTE [ Per-batch seeds ] (_seeds)
-    ("dataset", version, payload)      replace the dataset (pickled bytes, or the object in
-                                       thread mode), then answer ("updated", version)
+    ("dataset", version, payload)      replace the dataset (as WorkerConfig.dataset: what
+                                       _shared_data prepared for processes and Ray, the
+                                       object in thread mode), then answer ("updated", version)
     ("release", send_idx)              the main process no longer uses that batch's
                                        shared-memory blocks (its last view is garbage):
                                        they may be reused
@@ -420,8 +421,10 @@ class WorkerConfig:
         worker_id (int): this worker's index.
         num_workers (int): size of the pool.
         base_seed (int): the pool's seed; see :func:`derive_seed`.
-        dataset (object): the dataset as bytes from :func:`compatmp._serialize.dumps`
-            (process mode) or the object itself (thread mode).
+        dataset (object): process workers and Ray actors: what :mod:`compatmp._shared_data`
+            prepared (a ``SharedPayload``: the small pickle plus the names of the shared
+            buffers' blocks) or bytes from :func:`compatmp._serialize.dumps`; worker threads:
+            the object itself.
         init_fn (object): ``worker_init_fn`` as bytes (process mode), the callable (thread
             mode), or None.
         in_process (bool): True for worker processes: exceptions are pickled, globals seeded,

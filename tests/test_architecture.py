@@ -98,6 +98,100 @@ def test_imports_follow_the_module_map(module: str) -> None:
     )
 
 
+def _module_name(path: Path) -> str:
+    """``compatmp/_core.py`` -> ``_core``; ``compatmp/bench/cli.py`` -> ``bench.cli``."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1] or ["__init__"]
+    return ".".join(parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """compatmp module -> the compatmp modules it imports: at module level, inside functions,
+    under ``if TYPE_CHECKING``, relative (``from . import _shm``, ``from .report import x``,
+    ``from .. import y``) or absolute (``import compatmp._core``)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+        if name == "__init__":
+            package = []
+        targets: list[str] = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - (node.level - 1)]
+                else:
+                    if not (node.module or "").startswith("compatmp"):
+                        continue
+                    base = []
+                module = (node.module or "").removeprefix("compatmp").lstrip(".")
+                if node.level == 0 and module == "":
+                    module = ""
+                stem = [*base, *([module] if module else [])]
+                for alias in node.names:
+                    as_module = ".".join([*stem, alias.name])
+                    targets.append(as_module if as_module in modules else ".".join(stem))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == "compatmp" or alias.name.startswith("compatmp."):
+                        targets.append(alias.name.removeprefix("compatmp").lstrip("."))
+        for target in targets:
+            target = target or "__init__"
+            if target != name and target in modules:
+                graph[name].add(target)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in ``graph`` (as a path that ends where it starts), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_among_compatmp_modules() -> None:
+    """Imports point one way, counting those inside functions (issue 16).
+
+    The package ``__init__`` is left out as a target: it re-exports the public API, so a
+    module reaching the public surface (``from .. import available_methods`` in the
+    benchmark) would otherwise close a loop through every module the surface names.
+    """
+    graph = _import_graph()
+    graph = {m: {t for t in ts if t != "__init__"} for m, ts in graph.items()}
+    cycle = _cycle(graph)
+    assert cycle is None, f"import cycle among compatmp modules: {' -> '.join(cycle or [])}"
+
+
+def test_the_cycle_check_sees_function_level_and_relative_imports() -> None:
+    graph = _import_graph()
+    assert "_serialize" in graph["_pool"]  # module level
+    assert "_serialize" in graph["_worker"]  # only inside functions there
+    assert "bench.report" in graph["bench.cli"]  # relative, inside a subpackage
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
 def test_readme_links_the_architecture_document() -> None:
     assert "docs/architecture.md" in (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -138,7 +138,7 @@ def test_at_most_max_queue_size_batches_in_flight(method):
         seen = []
         for _ in pool.imap(range(30)):
             time.sleep(0.02)  # a slow consumer: workers would run ahead if allowed
-            seen.append(len(core.tasks) + len(core.results))
+            seen.append(core.tasks.in_flight())
         assert max(seen) <= 3
         assert max(seen) >= 2  # and they do work ahead
 

@@ -32,11 +32,19 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .report import _add_ratios, _evaluate_targets, _merge_rounds, _plot, _render, _summarize
+from .report import (
+    _add_ratios,
+    _Config,
+    _evaluate_targets,
+    _merge_rounds,
+    _plot,
+    _render,
+    _summarize,
+)
 from .runner import DEFAULT_CHILD_TIMEOUT, _loadavg, _run_child, _write_launchers
 from .workloads import (
     DEFAULT_BATCHES,
@@ -57,17 +65,6 @@ SECTIONS = ("loader", "fit", "lock", "first_batch")
 # ---------------------------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Config:
-    """One row: which library loads the batches, how, and with which dataset class."""
-
-    section: str  # loader | fit | lock | first_batch
-    name: str
-    library: str  # serial | keras | torch | compatmp
-    method: str | None  # start method (None: serial or Keras threads)
-    processes: bool
 
 
 def _installed(module: str) -> bool:

@@ -19,17 +19,30 @@ warm-up in the same process.
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .cli import _Config
 
 #: Tolerance of the "epoch 2 no slower than epoch 1" verdict: 5 % covers timer and load noise.
 EPOCH_TOLERANCE = 1.05
 
 MB = 1e6
+
+
+@dataclass(frozen=True)
+class _Config:
+    """One row: which library loads the batches, how, and with which dataset class.
+
+    Defined here, below the command line (:mod:`compatmp.bench.cli`) that builds the rows.
+    """
+
+    section: str  # loader | fit | lock | first_batch
+    name: str
+    library: str  # serial | keras | torch | compatmp
+    method: str | None  # start method (None: serial or Keras threads)
+    processes: bool
+
 
 # -- aggregation ------------------------------------------------------------------------------
 

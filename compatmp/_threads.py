@@ -1,0 +1,97 @@
+"""The thread transport: worker threads of the main process over in-memory mailboxes.
+
+One implementation of NOTE [ Worker transports ] (:mod:`compatmp._transport`). The dataset,
+batches and exceptions pass by reference (nothing is pickled, nothing is in shared memory);
+every worker's main-side mailbox shares one condition, so :meth:`ThreadTransport.wait` wakes
+for a message from any worker. A thread cannot be killed: :meth:`ThreadTransport.shutdown`
+closes the channels (a worker busy in ``dataset[i]`` ends after that batch) and joins each
+thread until the deadline; the threads are daemons, so one stuck in ``dataset[i]`` does not
+keep the interpreter alive.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from . import _stall, _worker
+from ._transport import Transport, WorkerHandle
+
+__all__ = ["ThreadHandle", "ThreadTransport"]
+
+
+class ThreadHandle(WorkerHandle):
+    """The main side's view of one worker thread.
+
+    Args:
+        worker_id (int): the worker's index.
+        channel (compatmp._worker.QueueChannel): the main end of its mailboxes.
+        thread (threading.Thread): the worker thread (started).
+    """
+
+    def __init__(self, worker_id: int, channel: Any, thread: threading.Thread) -> None:
+        super().__init__(worker_id, channel)
+        self.thread = thread
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def describe_death(self, code: int | None) -> tuple[str, str]:
+        _, how = super().describe_death(code)
+        return f"worker thread {self.id}", how
+
+    def stall_label(self) -> str:
+        return f"worker thread {self.id} (in the main process, pid {os.getpid()})"
+
+    def stack(self) -> str:
+        return _stall.thread_stack(self.thread.ident)
+
+
+class ThreadTransport(Transport):
+    """Worker threads in this process (``start_method="thread"``).
+
+    Args:
+        method (str): ``"thread"``.
+        stall_timeout (float | None): unused (a thread's stack is read from its frame).
+    """
+
+    def __init__(self, method: str, stall_timeout: float | None) -> None:
+        super().__init__(method, stall_timeout)
+        self.cond = threading.Condition(threading.Lock())  # "a message arrived"
+
+    def start(self, configs: list[_worker.WorkerConfig]) -> None:
+        for config in configs:
+            config = replace(config, in_process=False, shm_prefix=None, stack_file=None)
+            main_end, worker_end = _worker.thread_channel_pair(self.cond)
+            thread = threading.Thread(
+                target=_worker.worker_main,
+                args=(worker_end, config),
+                name=f"compatmp-worker-{config.worker_id}",
+                daemon=True,
+            )
+            thread.start()
+            self.handles.append(ThreadHandle(config.worker_id, main_end, thread))
+
+    def wait(
+        self, handles: list[WorkerHandle], timeout: float
+    ) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
+        with self.cond:
+            self.cond.wait_for(lambda: any(h.channel.ready() for h in handles), timeout)
+            readable = [h for h in handles if h.channel.ready()]
+        dead = [h for h in handles if not h.is_alive() and h not in readable]
+        return readable, dead
+
+    def rebuild_exception(self, msg: tuple) -> BaseException:
+        return _worker.rebuild_exception(msg, by_reference=True)
+
+    def shutdown(self, deadline: float, drain: Any) -> None:
+        for h in self.handles:
+            h.channel.close()  # a worker busy in dataset[i] ends after its batch
+        me = threading.current_thread()
+        for h in self.handles:
+            assert isinstance(h, ThreadHandle)
+            if h.thread is not me:  # GC may run the pool's finalizer in a worker thread
+                h.thread.join(max(0.0, deadline - time.monotonic()))
