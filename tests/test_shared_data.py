@@ -89,6 +89,37 @@ def test_changed_big_array_reaches_every_worker_and_unchanged_is_not_resent(meth
         assert -1.0 in values
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_a_workers_write_stays_in_that_worker_under_every_start_method(method):
+    """issue 17.2: writable arrays in every worker, as under fork; writes stay private."""
+    from shared_data_helpers import CachingDataset
+
+    ds = CachingDataset()
+    with OrderedPool(ds, workers=2, start_method=method) as pool:
+        out = list(pool.imap(range(8)))
+        for i, (worker, cache, _) in enumerate(out):
+            assert cache[i] == -(i + 1)  # its own write, no "read-only" ValueError
+            for j, (other, _, _) in enumerate(out):
+                if other != worker:
+                    assert cache[j] == 0.0  # never another worker's write
+        assert not ds.cache.any()  # nor the main process's array, nor the block
+
+        ds.labels[3] = 9.0  # the main changes labels only: cache is unchanged, not re-sent
+        report = pool.update_dataset(ds)
+        assert report.changed_buffers == 1
+        for i, (_, cache, labels) in enumerate(pool.imap(range(8))):
+            assert labels[3] == 9.0
+            assert cache[i] == -(i + 1)
+
+        ds.cache[0] = 0.5  # now cache changed in the main: re-sent, the workers' writes go
+        pool.update_dataset(ds)
+        out = list(pool.imap([7]))
+        _, cache, _ = out[0]
+        assert cache[0] == 0.5 and cache[7] == -8.0
+        assert all(v == 0.0 for v in cache[1:7])  # earlier writes of this worker are gone
+
+
 @pytest.mark.timeout(60)
 def test_fork_workers_inherit_the_dataset_without_a_block():
     if "fork" not in PROCESS_METHODS:
