@@ -423,7 +423,10 @@ _LOADER_DOC = """
         timeout (float | None): seconds to wait for each batch before
             ``compatmp.WorkerTimeoutError`` (default: None, no limit).
         seed (int | None): base seed of the workers' ``random``/``numpy.random``
-            (default: None, a fresh seed per call); see :class:`compatmp.OrderedPool`.
+            (default: None, a fresh seed per call); see :class:`compatmp.OrderedPool`. In
+            ``fit`` the pass is the Keras epoch: epoch k's batches (and, with
+            ``shuffle=True``, their order) depend on ``(seed, k, index)`` only, so
+            ``initial_epoch=k`` replays them (NOTE [ Per-batch seeds ] in compatmp._seeds).
         worker_init_fn (Callable[[int], None] | None): called once in each worker with its
             id before its first batch (default: None).
         stall_timeout (float | None): seconds without a batch before a WARNING on the

@@ -283,6 +283,14 @@ def differing_chunks(new: memoryview, old: memoryview) -> Iterable[tuple[int, in
             yield start, stop
 
 
+def _differs(raw: memoryview, block: SharedMemory) -> bool:
+    """True if ``raw`` differs from the first ``raw.nbytes`` bytes of ``block`` (stops at the
+    first differing chunk)."""
+    for _ in differing_chunks(raw, block.buf):
+        return True
+    return False
+
+
 def _patch(block: SharedMemory, raw: memoryview) -> int:
     """Make ``block`` hold ``raw`` again, copying only the differing chunks; bytes copied."""
     copied = 0
@@ -473,7 +481,7 @@ class DatasetSharer:
                 return True
             with p.buffer.raw() as raw:
                 if entry.block is not None:
-                    if next(iter(differing_chunks(raw, entry.block.buf)), None) is not None:
+                    if _differs(raw, entry.block):
                         return True
                 elif _digest(raw) != entry.digest:
                     return True
