@@ -344,3 +344,45 @@ def test_forkserver_preload_uses_the_modules_noted_while_pickling(monkeypatch):
         assert Ctx.preload[0] == "compatmp._worker" and "numpy" in Ctx.preload
     finally:
         sharer.close()
+
+
+@pytest.mark.parametrize("inherit", [False, True])
+def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatch, inherit):
+    """No room for a block (Docker's 64 MB /dev/shm): the buffer travels in the pickle."""
+    x = np.zeros(BIG)
+    sharer = DatasetSharer(inherit=inherit)
+    if not inherit:  # no room from the start
+        monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+    sharer.check([x])
+    try:
+        first = sharer.start(_shm.block_prefix(os.getpid(), "t004"), [x])
+        if inherit:  # forked workers inherited it; no room once it must go to a block
+            monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+        else:
+            assert first.buffers == () and len(first.data) > BIG * 8
+        x[123] = 4.0  # a sparse write (fork: after the fork)
+        update = sharer.update([x])
+        assert update is not None and update.payload.buffers == ()  # in-band
+        assert len(update.payload.data) > BIG * 8
+        sharer.commit(update)
+        assert sharer.block_names() == [] and shm_entries() == []
+        np.testing.assert_array_equal(update.payload.load()[0], x)
+        assert sharer.update([x]) is None  # exact in-band: unchanged is not re-sent
+    finally:
+        sharer.close()
+    assert shm_entries() == []
+
+
+def test_the_worker_loads_any_worker_payload_by_its_load_method():
+    from compatmp._preload import WorkerPayload
+    from compatmp._worker import _materialize
+
+    class Payload(WorkerPayload):
+        def load(self):
+            return "loaded"
+
+        def preload_modules(self):
+            return ("numpy",)
+
+    assert _materialize(Payload(), True) == "loaded"
+    assert isinstance(_materialize(Payload(), False), Payload)  # threads get the object
