@@ -253,8 +253,9 @@ def start_processes(
 
     Args:
         method (str): ``"fork"``, ``"forkserver"`` or ``"spawn"``.
-        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are pickled
-            bytes (the forkserver preload is read from the first config's).
+        configs (list[WorkerConfig]): one per worker; ``dataset`` is a
+            :class:`compatmp._preload.WorkerPayload` (or the object itself under fork) and
+            ``init_fn`` pickled bytes (the forkserver preload is read from the first config's).
         handles (list[_Handle]): receives a :class:`_ProcessHandle` per worker.
 
     Raises:
