@@ -33,6 +33,7 @@ from ._platform import (
 from ._pool import OrderedPool
 from ._seeds import batch_rng
 from ._serialize import CompatPickler, dumps, loads
+from ._shared_data import DatasetUpdate
 from ._threadsafe import threadsafe_generator, threadsafe_iter
 from ._unpicklable import Unpicklable, find_unpicklable
 from ._worker import WorkerInfo, get_worker_info
@@ -59,6 +60,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CompatMPError",
     "CompatPickler",
+    "DatasetUpdate",
     "Decision",
     "OrderedPool",
     "PickleSafeMixin",

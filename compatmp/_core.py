@@ -444,6 +444,18 @@ class _Core:
 
     # -- dataset updates -----------------------------------------------------------------------
 
+    def wait_idle(self, timeout: float | None) -> None:
+        """Wait until no worker holds a task (orphans included), e.g. before the dataset's
+        blocks are rewritten (NOTE [ Shared dataset buffers ] in _shared_data).
+
+        Raises:
+            WorkerTimeoutError: still busy after ``timeout`` seconds (None: no limit).
+            WorkerCrashedError: a worker died meanwhile.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(self.tasks.load(h.id) for h in self.handles):
+            self._pump_until(deadline, "to finish their batches before the dataset update")
+
     def broadcast_dataset(self, payload: Any, timeout: float | None) -> None:
         self.version += 1
         version = self.version

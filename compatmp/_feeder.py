@@ -73,6 +73,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from ._seeds import epoch_order
+
 #: Parts of a :class:`_TrainAndValidation`: tasks on a shared pool are ``(part, index)``.
 _TRAIN, _VALIDATION = 0, 1
 
@@ -158,9 +160,13 @@ class _TrainAndValidation:
     def __len__(self) -> int:
         return 0  # unused: OrderedPool only checks that len() exists; the feeders know lengths
 
-    def __getitem__(self, key: tuple[int, int]) -> object:
-        part, index = key
-        return (self.train if part == _TRAIN else self.validation)[index]  # type: ignore[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> object:
+        # Training tasks are the plain index (so their per-batch seeds do not depend on
+        # whether validation shares the pool, NOTE [ Per-batch seeds ]); validation's are
+        # (_VALIDATION, index).
+        if type(key) is tuple:
+            return self.validation[key[1]]  # type: ignore[index]
+        return self.train[key]  # type: ignore[index]
 
 
 class _Source:
@@ -184,15 +190,18 @@ class _Source:
         # thread prefetching training batches may overlap a validation fetch in the main thread.
         self.lock = state.lock if state is not None else threading.RLock()
 
-    def fetch(self, indices: Iterable[int]) -> Iterator[object]:
+    def fetch(self, indices: Iterable[int], pass_number: int = 0) -> Iterator[object]:
         """Return an iterator over ``dataset[i] for i in indices``, in that order (``indices``
-        may be infinite: the pool consumes it lazily)."""
+        may be infinite: the pool consumes it lazily); ``pass_number`` is the pass for the
+        per-batch seeds (NOTE [ Per-batch seeds ] in compatmp._seeds)."""
         if self.pool is None:
             return (self.dataset[i] for i in indices)  # type: ignore[index]
         assert self.state is not None
         self.state.sync()
-        keys: Iterable[Any] = indices if self.part is None else ((self.part, i) for i in indices)
-        return self.pool.imap(keys)
+        keys: Iterable[Any] = indices
+        if self.part == _VALIDATION:
+            keys = ((_VALIDATION, i) for i in indices)
+        return self.pool.imap(keys, pass_number=pass_number)
 
     def mark_dirty(self) -> None:
         """The dataset may have changed: re-send it before the next fetch."""
@@ -243,6 +252,9 @@ class _Feeder:
         what (str): name used in error messages ("x", "validation_data").
         ranks (bool): the structure check compares array ranks (default: True; see
             :class:`_StructureCheck`).
+        seed (int | None): the call's explicit ``seed=``: the shuffled order of pass p is
+            then :func:`compatmp._seeds.epoch_order` (default: None, ``random.shuffle`` as
+            Keras does).
     """
 
     def __init__(
@@ -254,6 +266,7 @@ class _Feeder:
         shuffle: bool,
         what: str,
         ranks: bool = True,
+        seed: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.source = source
@@ -268,6 +281,18 @@ class _Feeder:
         self._next = 0  # the position the stream yields next
         self._in_epoch = False
         self._probed = False
+        self.seed = seed
+        self.pass_number = 0  # the Keras epoch (set_epoch); 0 outside fit's epochs
+
+    def set_epoch(self, epoch: int) -> None:
+        """Keras starts epoch ``epoch`` (absolute: counts ``initial_epoch``); batches fetched
+        from now on belong to pass ``epoch`` (NOTE [ Per-batch seeds ] in compatmp._seeds).
+
+        Args:
+            epoch (int): the epoch number Keras passes to ``Callback.on_epoch_begin``.
+        """
+        with self._lock:
+            self.pass_number = epoch
 
     def get(self, position: int, *, implicit_epoch: bool = False) -> object:
         """Return the batch for Keras' position ``position`` (see the class docstring).
@@ -309,22 +334,24 @@ class _Feeder:
             # Outside an epoch: TensorFlow's signature probe, dataset[0] and dataset[1] in
             # order (get_tf_dataset). Fetch only what is asked, unshuffled, as Keras does.
             self._drop_stream()
-            (batch,) = list(self.source.fetch([position]))
+            (batch,) = list(self.source.fetch([position], self.pass_number))
             return batch
         if self._stream is not None or position != 0:
             self.restarts += 1
         self._drop_stream()
         if self.length is None:  # infinite: index == position, never shuffled
-            self._stream = self.source.fetch(itertools.count(position))
+            self._stream = self.source.fetch(itertools.count(position), self.pass_number)
             self._next = position + 1
             return next(self._stream)
         if position == 0:
             # A new pass. Shuffle like PyDatasetAdapter._finite_generator: random.shuffle of
             # range(n), so keras.utils.set_random_seed gives the order plain Keras would use.
             self._order = list(range(self.length))
-            if self.shuffle:
+            if self.shuffle and self.seed is not None:  # depends on (seed, epoch) only
+                self._order = epoch_order(self.seed, self.pass_number, self.length)
+            elif self.shuffle:
                 random.shuffle(self._order)
-        self._stream = self.source.fetch(self._order[position:])
+        self._stream = self.source.fetch(self._order[position:], self.pass_number)
         self._next = position + 1
         return next(self._stream)
 
@@ -356,6 +383,30 @@ class _Feeder:
             if callable(hook):
                 hook()
             self.source.mark_dirty()
+
+
+def epoch_callback(base: type, feeders: list[_Feeder]) -> Any:
+    """A Keras callback telling ``feeders`` which epoch ``fit`` is in (for the pass number).
+
+    ``Callback.on_epoch_begin(epoch)`` gets the absolute epoch - ``fit`` loops over
+    ``range(initial_epoch, epochs)``, and ``BackupAndRestore`` sets the model's
+    ``_initial_epoch`` (``keras/src/backend/*/trainer.py``) - before the epoch's first batch
+    is asked for. NOTE [ Per-batch seeds ] in compatmp._seeds.
+
+    Args:
+        base (type): ``keras.callbacks.Callback`` (or Keras 2's).
+        feeders (list[_Feeder]): the call's feeders (training and validation).
+
+    Returns:
+        keras.callbacks.Callback: the callback instance.
+    """
+
+    class _EpochCallback(base):  # type: ignore[misc, valid-type]
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            for feeder in feeders:
+                feeder.set_epoch(int(epoch))
+
+    return _EpochCallback()
 
 
 @functools.cache

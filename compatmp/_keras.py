@@ -36,6 +36,7 @@ from ._feeder import (
     _Source,
     _StructureCheck,
     _TrainAndValidation,
+    epoch_callback,
 )
 from ._fitargs import (
     DEFAULT_MAX_WORKERS,
@@ -279,6 +280,7 @@ def _dataset_proxies(session: _Session, call: _Call, shuffle: bool) -> list[Any]
             shuffle=shuffle and name == "x" and length is not None,
             what=what,
             ranks=call.ranks,
+            seed=loader.seed,
         )
         session.feeders.append(feeder)
         proxies.append(proxy_cls(feeder))
@@ -369,7 +371,24 @@ def _run(
         raise
     if "validation_data" in kwargs:
         kwargs["validation_data"] = keras_val
+    if fn == "fit" and session.feeders:
+        _add_epoch_callback(call, kwargs, session.feeders)
     return _call_keras(session, lambda: method(keras_x, **kwargs))
+
+
+def _add_epoch_callback(call: _Call, kwargs: dict[str, Any], feeders: list[Any]) -> None:
+    """Put the feeders' epoch callback first in ``callbacks`` (NOTE [ Per-batch seeds ]).
+
+    A ``callbacks`` that is neither None nor a list/tuple (a ``CallbackList``) is left alone;
+    the pass number then stays 0 in every epoch.
+    """
+    import importlib
+
+    callbacks = kwargs.get("callbacks")
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        return
+    base = importlib.import_module(call.flavour[1]).callbacks.Callback  # keras or tf_keras
+    kwargs["callbacks"] = [epoch_callback(base, feeders), *(callbacks or ())]
 
 
 # The keyword arguments of fit/evaluate/predict that go to the loader (Loader.resolve), not to
@@ -404,7 +423,10 @@ _LOADER_DOC = """
         timeout (float | None): seconds to wait for each batch before
             ``compatmp.WorkerTimeoutError`` (default: None, no limit).
         seed (int | None): base seed of the workers' ``random``/``numpy.random``
-            (default: None, a fresh seed per call); see :class:`compatmp.OrderedPool`.
+            (default: None, a fresh seed per call); see :class:`compatmp.OrderedPool`. In
+            ``fit`` the pass is the Keras epoch: epoch k's batches (and, with
+            ``shuffle=True``, their order) depend on ``(seed, k, index)`` only, so
+            ``initial_epoch=k`` replays them (NOTE [ Per-batch seeds ] in compatmp._seeds).
         worker_init_fn (Callable[[int], None] | None): called once in each worker with its
             id before its first batch (default: None).
         stall_timeout (float | None): seconds without a batch before a WARNING on the

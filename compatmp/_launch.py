@@ -25,7 +25,9 @@ imports ``__main__`` (the user's script) first. compatmp sets its preload list, 
 server starts, to ``compatmp._worker`` plus the top-level packages the dataset's pickle refers
 to that the main process has already imported (e.g. ``numpy``, ``PIL``, ``tensorflow``):
 they are imported once in the server instead of once per worker. The pool's dataset pickler
-notes those packages as it pickles (``_shared_data._RecordingPickler``, nearly free); only a
+notes those packages as it pickles (``_preload.ModuleRecorder``, nearly free) and hands them
+over through ``WorkerPayload.preload_modules()``; one list says what is never preloaded
+(``_preload.NOT_PRELOADED``: ``__main__``, builtins, cloudpickle); only a
 pickle given as bytes (``worker_init_fn``) is walked with ``pickletools``, which took 6.6 s
 for a 61 MiB list of 1.28 M file paths. Measured: 2 workers ready
 after 275 ms (first pool) and 28 ms (second) with the preload, 468 ms and 385 ms without.
@@ -45,12 +47,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _worker
+from ._preload import WorkerPayload, preloadable
 
 __all__ = ["start_processes"]
-
-# Top-level modules never worth preloading in the forkserver (see NOTE [ Forkserver preload ]).
-_NOT_PRELOADED = frozenset({"__main__", "__builtin__", "builtins", "copyreg", "_codecs"})
-
 
 # ---------------------------------------------------------------------------------------------
 # NOTE [ Workers do not re-run __main__ ]: the preparation-data hook
@@ -182,15 +181,13 @@ def _global_bases(module: str, qualname: str) -> set[str]:
 
 def _forkserver_preload(ctx: Any, payloads: list[Any]) -> None:
     """Set the forkserver's preload list from the pickles workers will load (NOTE above)."""
-    modules = set()
+    modules: set[str] = set()
     for payload in payloads:
-        recorded = getattr(payload, "modules", None)  # a _shared_data.SharedPayload
-        if recorded is not None:
-            modules |= set(recorded)  # noted while pickling: no walk over the pickle
+        if isinstance(payload, WorkerPayload):
+            modules.update(payload.preload_modules())  # noted while pickling: no walk
         elif isinstance(payload, bytes):
             modules |= _pickled_modules(payload)
-    heavy = sorted(m for m in modules if m in sys.modules and m not in _NOT_PRELOADED)
-    preload = ["compatmp._worker", *heavy]
+    preload = ["compatmp._worker", *preloadable(modules)]
     ctx.set_forkserver_preload(preload)
 
 
@@ -212,9 +209,9 @@ def start_processes(
 
     Args:
         method (str): ``"fork"``, ``"forkserver"`` or ``"spawn"``.
-        configs (list[WorkerConfig]): one per worker; ``dataset`` and ``init_fn`` are what
-            :mod:`compatmp._shared_data` made of them (the forkserver preload is read from
-            the first config's).
+        configs (list[WorkerConfig]): one per worker; ``dataset`` is a
+            :class:`compatmp._preload.WorkerPayload` (or the object itself under fork) and
+            ``init_fn`` pickled bytes (the forkserver preload is read from the first config's).
         register (Callable[[WorkerConfig, Connection, BaseProcess], None]): receives each
             worker's main-side pipe end and its (not yet started) process.
 

@@ -29,7 +29,7 @@ from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
 from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
-from ._shared_data import SHARE_THRESHOLD, DatasetSharer
+from ._shared_data import SHARE_THRESHOLD, DatasetSharer, DatasetUpdate
 from ._stall import DEFAULT_STALL_TIMEOUT
 
 __all__ = ["OrderedPool"]
@@ -64,9 +64,10 @@ class OrderedPool:
 
     The dataset's own big buffers (>= 1 MiB, ``compatmp._shared_data.SHARE_THRESHOLD``: NumPy
     arrays and anything else pickle protocol 5 hands out as ``PickleBuffer``) go into shared
-    memory owned by this process once, and every worker maps them read-only (their
-    ``flags.writeable`` is False in the worker); under fork the workers inherit the dataset
-    object. The blocks are unlinked when the pool closes, fails or is garbage collected.
+    memory owned by this process once, and every worker maps them copy-on-write: a worker
+    may write into them (as under fork, where the workers inherit the dataset object) and
+    the write stays in that worker. The blocks are unlinked when the pool closes, fails or
+    is garbage collected.
 
     Use as a context manager::
 
@@ -342,48 +343,62 @@ class OrderedPool:
 
     # -- dataset state -------------------------------------------------------------------------
 
-    def update_dataset(self, dataset: Any) -> bool:
+    def update_dataset(self, dataset: Any) -> DatasetUpdate:
         """Send the dataset's current state to every worker, unless it did not change.
 
-        Call after ``on_epoch_end`` (which may reshuffle). Waits until every worker has the
-        new state, so batches requested afterwards see it. Process workers get the pickled
-        dataset, and nothing is sent when the pickle is byte-identical to the last one sent;
-        big buffers (>= 1 MiB, e.g. NumPy arrays) live in shared memory and are only sent
-        again when they changed, recognised by identity and a sampled fingerprint, not by
-        hashing them (NOTE [ Shared dataset buffers ] in ``compatmp._shared_data``: assign a
-        new array, or keep big arrays read-only, to be sure a small in-place write is seen).
-        Worker threads share the object, so nothing is sent when it is the same object.
+        Call after ``on_epoch_end`` (which may reshuffle or relabel). Waits until every worker
+        has the new state, so batches requested afterwards see it, exactly: process workers
+        get the small pickle again (skipped when byte-identical) and every big buffer
+        (>= 1 MiB, e.g. NumPy arrays, in shared memory) is compared with the copy the
+        workers have, byte for byte, so even one element written in place is sent; only the
+        changed 256 KiB pieces are copied (NOTE [ Shared dataset buffers ] in
+        ``compatmp._shared_data``). The comparison reads every big buffer once (~0.1 s per
+        GiB here). Worker threads share the object, so nothing is sent when it is the same
+        object.
 
         Args:
             dataset (object): the dataset, usually the same object mutated in place.
 
         Returns:
-            bool: True if the state was sent, False if it was unchanged.
+            DatasetUpdate: true when a new state was sent; its fields say how much (pickle
+            bytes, big buffers, changed buffers, bytes copied into shared memory).
 
         Raises:
             RuntimeError: the pool is closed.
             TypeError: ``dataset`` lacks ``__len__``/``__getitem__``.
-            SerializationError: (process workers) the dataset can no longer be pickled.
-            WorkerCrashedError, WorkerTimeoutError: as in :meth:`imap`; the pool is shut down.
+            SerializationError: (process workers) the dataset can no longer be pickled; the
+                pool stays usable with the previous state.
+            WorkerCrashedError, WorkerTimeoutError: as in :meth:`imap` (``timeout`` bounds
+                the wait for the batches in flight and for the workers' acknowledgement);
+                the pool is shut down.
+            OSError: the system refused a shared-memory block; the pool is shut down.
         """
         self._check_open()
         _check_dataset(dataset)
-        digest: bytes | None = None
-        if self._sharer is not None:
-            payload, digest = self._sharer.update(dataset)
-            if payload is None:
-                return False
-        else:
+        if self._sharer is None:
             if dataset is self._dataset:
-                return False
-            payload, digest = dataset, None
+                return DatasetUpdate(False)
+            self._broadcast(dataset)
+            self._dataset = dataset
+            return DatasetUpdate(True)
+        sharer, core = self._sharer, self._core
+        try:
+            # Blocks are rewritten only once no worker computes a batch (never a mix).
+            update = sharer.update(dataset, when_idle=lambda: core.wait_idle(self._timeout))
+        except SerializationError:
+            raise  # nothing was written: the workers keep the previous state
+        except BaseException as exc:
+            core.close(f"it was shut down after {type(exc).__name__}")
+            raise
+        if update is None:
+            return DatasetUpdate(False)
+        self._broadcast(update.payload)
+        sharer.commit(update)
+        return update.report
+
+    def _broadcast(self, payload: Any) -> None:
         try:
             self._core.broadcast_dataset(payload, self._timeout)
         except BaseException as exc:
             self._core.close(f"it was shut down after {type(exc).__name__}")
             raise
-        if self._sharer is not None and digest is not None:
-            self._sharer.commit(digest)
-        else:
-            self._dataset = dataset
-        return True

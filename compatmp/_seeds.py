@@ -11,9 +11,23 @@ with seed=1234, 23-30 of 40 batches differed between runs; PyTorch is reproducib
 fixed ``num_workers``). With an explicit ``seed=``, every batch is computed with RNGs seeded
 from (seed, pass, index) alone:
 
-- ``pass`` is the pool's pass number, sent with each task: ``imap(..., pass_number=p)``, or by
-  default one more than the previous ``imap`` call's pass (0 for the pool's first ``imap``).
-  So with one ``imap`` per epoch, pass p is epoch p, and every epoch draws different numbers.
+- ``pass`` is the pass number sent with each task. ``OrderedPool.imap(...,
+  pass_number=p)`` sets it; by default it is one more than the previous ``imap`` call's pass
+  (0 for the pool's first ``imap``), so with one ``imap`` per epoch pass p is epoch p.
+  ``compatmp.fit`` always sets it: pass = the Keras epoch number (absolute: a run resumed
+  with ``initial_epoch=k``, or by ``BackupAndRestore``, starts at pass k), read from a
+  callback compatmp adds to ``callbacks`` (its ``on_epoch_begin(epoch)`` runs before the
+  epoch's first batch is asked for). Validation inside ``fit`` uses the epoch it follows
+  (its indices are tagged ``(1, i)``, so its numbers differ from the training batch i);
+  training indices are plain ``i`` whether or not validation shares the pool. Every
+  ``evaluate``/``predict`` call is pass 0 (each has its own pool), as are batches fetched
+  before the first epoch (TensorFlow's signature probe, torch's symbolic build). So with
+  ``seed=``, the batches of epoch k of ``fit`` depend on (seed, k, index) only, and with
+  ``shuffle=True`` the order of epoch k is :func:`epoch_order` (seed, k) instead of
+  ``random.shuffle`` (without ``seed=`` compatmp shuffles with ``random.shuffle`` as Keras
+  does). Limit: with ``steps_per_epoch`` below the dataset's length a pass runs across
+  epochs (NOTE [ How Keras 3 drives a PyDataset ]); a stream restarted in epoch k uses pass
+  k for its remaining batches.
 - ``index`` is the batch index as given to ``imap``: a non-negative int, a tuple of them, or
   anything else (then a BLAKE2b hash of its ``repr``).
 - Process workers reseed Python's ``random`` and NumPy's legacy global RNG
@@ -34,9 +48,17 @@ import hashlib
 import threading
 from typing import Any
 
-__all__ = ["BatchContext", "batch_rng", "batch_seed_sequence", "enter_batch", "leave_thread"]
+__all__ = [
+    "BatchContext",
+    "batch_rng",
+    "batch_seed_sequence",
+    "enter_batch",
+    "epoch_order",
+    "leave_thread",
+]
 
 _BATCH_TAG = 0xBA7C
+_ORDER_TAG = 0x0DE5
 
 
 def _index_key(index: Any) -> tuple[int, ...]:
@@ -66,6 +88,28 @@ def batch_seed_sequence(base_seed: int, pass_number: int, index: Any) -> Any:
     return np.random.SeedSequence(
         base_seed, spawn_key=(_BATCH_TAG, pass_number, *_index_key(index))
     )
+
+
+def epoch_order(base_seed: int, pass_number: int, n: int) -> list[int]:
+    """The shuffled batch order of pass ``pass_number``: a permutation of ``range(n)``.
+
+    Used by ``compatmp.fit`` with ``seed=`` and ``shuffle=True`` (NOTE [ Per-batch seeds ]),
+    so that the order of epoch k, like its batches, depends on ``(seed, k)`` alone.
+
+    Args:
+        base_seed (int): the pool's seed (non-negative).
+        pass_number (int): the pass (the epoch in ``fit``), non-negative.
+        n (int): number of batches, >= 0.
+
+    Returns:
+        list[int]: each of ``0 .. n-1`` once.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(
+        np.random.SeedSequence(base_seed, spawn_key=(_ORDER_TAG, pass_number))
+    )
+    return [int(i) for i in rng.permutation(n)]
 
 
 class BatchContext:

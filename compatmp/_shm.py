@@ -104,8 +104,10 @@ __all__ = [
     "ensure_tracker",
     "names",
     "pool_token",
+    "room",
     "sweep",
     "sweep_dead_owners",
+    "unlink_block",
 ]
 
 # Arrays of at least this many bytes travel through shared memory (bytes). Measured per batch
@@ -275,6 +277,23 @@ def _walk(obj: Any, leaf: Any) -> Any:
     return leaf(obj)
 
 
+def room(headroom: int = _SHM_HEADROOM) -> int | None:
+    """Bytes that may still be put into shared memory, leaving ``headroom`` free.
+
+    A block written beyond what ``/dev/shm`` (a tmpfs) holds kills the writer with SIGBUS, so
+    callers check before they copy; where the free space cannot be read (macOS, Windows:
+    shared memory is not a filesystem there) there is no such limit to check.
+
+    Args:
+        headroom (int): bytes to leave free (default: 16 MiB).
+
+    Returns:
+        int | None: free bytes minus ``headroom`` (>= 0), or None where unknown.
+    """
+    free = _shm_free_bytes()
+    return None if free is None else max(0, free - headroom)
+
+
 def _shm_free_bytes() -> int | None:
     try:
         st = os.statvfs(_SHM_DIR)
@@ -424,7 +443,7 @@ class BlockPool:
         while len(self.free) > self.max_free:
             shm = self.free.popleft()
             self.dropped.append(shm.name)
-            _unlink(shm)
+            unlink_block(shm)
 
     def take_dropped(self) -> list[str]:
         """Names of the blocks unlinked since the last call, for the main process to forget.
@@ -444,10 +463,18 @@ class BlockPool:
         self.free.clear()
         self.in_use.clear()
         for shm in blocks:
-            _unlink(shm)
+            unlink_block(shm)
 
 
-def _unlink(shm: SharedMemory) -> None:
+def unlink_block(shm: SharedMemory) -> None:
+    """Close this process's handle on block ``shm`` and remove its name (``shm_unlink``).
+
+    Mappings other processes hold stay valid until they drop them. A block already unlinked
+    (by a sweep, or a cleanup of ``/dev/shm``) is not an error.
+
+    Args:
+        shm (SharedMemory): a block this process created or attached.
+    """
     try:
         shm.close()
     except BufferError:  # an array from compatmp.empty() the dataset kept still views it
@@ -647,7 +674,7 @@ def sweep(prefix: str) -> list[str]:
             shm = SharedMemory(name=name)
         except FileNotFoundError:
             continue
-        _unlink(shm)
+        unlink_block(shm)
         done.append(name)
     return done
 

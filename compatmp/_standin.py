@@ -24,7 +24,7 @@ is False there. Code that needs Keras in the worker still gets it: a method that
 Classes defined in an importable module would be pickled by reference (the worker imports
 their module, hence Keras); for the pool's dataset pickle, compatmp sends such a module by
 value instead, so the same stand-in applies (NOTE [ Workers without Keras ] in
-:mod:`compatmp._shared_data`). The main process never sees the stand-in: Keras gets the
+:mod:`compatmp._by_value`). The main process never sees the stand-in: Keras gets the
 user's own object.
 
 Measured (this 2-core machine, TensorFlow imported in the parent, a ``PyDataset`` subclass

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import _seeds, _shm, _stall
+from ._preload import WorkerPayload
 
 __all__ = [
     "WATCHDOG_INTERVAL",
@@ -421,10 +422,9 @@ class WorkerConfig:
         worker_id (int): this worker's index.
         num_workers (int): size of the pool.
         base_seed (int): the pool's seed; see :func:`derive_seed`.
-        dataset (object): process workers and Ray actors: what :mod:`compatmp._shared_data`
-            prepared (a ``SharedPayload``: the small pickle plus the names of the shared
-            buffers' blocks) or bytes from :func:`compatmp._serialize.dumps`; worker threads:
-            the object itself.
+        dataset (object): process workers and Ray actors: the dataset as bytes from
+            :func:`compatmp._serialize.dumps` or a :class:`compatmp._preload.WorkerPayload`
+            (the worker calls its ``load()``); worker threads and fork: the object itself.
         init_fn (object): ``worker_init_fn`` as bytes (process mode), the callable (thread
             mode), or None.
         in_process (bool): True for worker processes: exceptions are pickled, globals seeded,
@@ -480,11 +480,8 @@ def _materialize(obj: Any, in_process: bool) -> Any:
         from ._serialize import loads
 
         return loads(obj)
-    if in_process and type(obj).__name__ == "SharedPayload":
-        from ._shared_data import SharedPayload
-
-        if isinstance(obj, SharedPayload):  # NOTE [ Shared dataset buffers ] in _shared_data
-            return obj.load()
+    if in_process and isinstance(obj, WorkerPayload):
+        return obj.load()  # e.g. NOTE [ Shared dataset buffers ] in compatmp._shared_data
     return obj
 
 

@@ -262,3 +262,20 @@ def __getattr__(name: str) -> Any:
             KerasArrayDataset.__qualname__ = name
             cls = globals()[name] = KerasArrayDataset
     return cls
+
+
+class AugmentedDataset(ArrayDataset):
+    """:class:`ArrayDataset` with random augmentation from ``compatmp.batch_rng()``.
+
+    Column 0 (the sample id, :func:`ids_of`) is kept; the other features get noise drawn from
+    the batch's own generator, so a batch depends on (seed, pass, index) (NOTE [ Per-batch
+    seeds ] in compatmp/_seeds.py).
+    """
+
+    def __getitem__(self, index: int) -> Any:
+        import compatmp
+
+        x, y = super().__getitem__(index)
+        x = x.copy()
+        x[:, 1:] += compatmp.batch_rng().normal(0, 0.01, size=x[:, 1:].shape)
+        return x, y

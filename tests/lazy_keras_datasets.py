@@ -1,7 +1,7 @@
 """Keras datasets defined in an importable module, as users lay them out (``from mydata import``).
 
 Importing this module imports TensorFlow and Keras; compatmp's spawn workers must not, when
-the batch code needs only NumPy (NOTE [ Workers without Keras ] in ``compatmp._shared_data``).
+the batch code needs only NumPy (NOTE [ Workers without Keras ] in ``compatmp._by_value``).
 """
 
 from __future__ import annotations

@@ -60,3 +60,25 @@ class EmptyBatchDataset:
         x = compatmp.empty((32, 64, 64, 2), np.float32)
         x[...] = i
         return x, np.full(3, i)
+
+
+class CachingDataset:
+    """Writes into its own big array in ``__getitem__`` (a decode cache), as users do.
+
+    ``dataset[i]`` marks ``cache[i] = -(i + 1)`` and returns the worker's id and its view of
+    ``cache[:n]`` and ``labels[:n]`` after the write.
+    """
+
+    def __init__(self, n: int = 8) -> None:
+        self.n = n
+        self.cache = np.zeros(BIG, dtype=np.float64)  # 4.8 MB: a dataset block
+        self.labels = np.zeros(BIG, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, list[float], list[float]]:
+        info = get_worker_info()
+        self.cache[i] = -(i + 1)
+        worker = info.id if info is not None else -1
+        return worker, self.cache[: self.n].tolist(), self.labels[: self.n].tolist()

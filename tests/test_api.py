@@ -12,6 +12,7 @@ import compatmp
 PUBLIC = {
     "CompatMPError",
     "CompatPickler",
+    "DatasetUpdate",
     "Decision",
     "OrderedPool",
     "PickleSafeMixin",

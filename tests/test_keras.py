@@ -131,6 +131,61 @@ def test_on_epoch_end_reshuffle_reaches_workers(method):
     assert dataset.epochs_ended == 4
 
 
+class XRecordingModel(keras.Sequential):
+    """Records every training batch's features, in the order Keras trained on them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[np.ndarray] = []
+
+    def train_step(self, data):
+        self.seen.append(keras.ops.convert_to_numpy(data[0]).copy())
+        return super().train_step(data)
+
+
+def x_recording_model() -> XRecordingModel:
+    keras.utils.set_random_seed(1)
+    model = XRecordingModel([keras.Input((kd.N_FEATURES,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", run_eagerly=True)
+    return model
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["thread", PROCESS_METHODS[-1]])
+def test_resumed_fit_sees_exactly_the_batches_of_the_uninterrupted_epoch(method):
+    """issue 17.7: with seed=, epoch k's batches (order and augmentation) depend on
+    (seed, k, index) only, so fit(initial_epoch=k) replays epoch k, validation or not."""
+    n, per_epoch = 40, 5
+
+    def run(initial_epoch, validation, seed=7):
+        model = x_recording_model()
+        random.seed(initial_epoch)  # the global RNG differs: it must not matter with seed=
+        extra = {"validation_data": kd.AugmentedDataset(16, 8, seed=5)} if validation else {}
+        compatmp.fit(
+            model,
+            kd.AugmentedDataset(n, 8),
+            workers=2,
+            start_method=method,
+            seed=seed,
+            epochs=3,
+            initial_epoch=initial_epoch,
+            verbose=0,
+            **extra,
+        )
+        return model.seen
+
+    full = run(0, validation=True)
+    assert len(full) == 3 * per_epoch
+    resumed = run(2, validation=False)
+    assert len(resumed) == per_epoch
+    for got, expected in zip(resumed, full[2 * per_epoch :], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    # Epochs differ from each other (order and noise), and another seed differs too.
+    assert not np.array_equal(np.concatenate(full[:per_epoch]), np.concatenate(full[-per_epoch:]))
+    other = run(2, validation=False, seed=8)
+    assert not all(np.array_equal(a, b) for a, b in zip(other, resumed, strict=True))
+
+
 @pytest.mark.timeout(120)
 def test_shuffle_true_visits_batches_in_the_order_keras_would():
     n = 48

@@ -390,12 +390,12 @@ def test_update_dataset_reaches_every_worker(method):
         assert {s for s, _ in out} == {0} and {w for _, w in out} == {0, 1, 2}
         ds.state = 1
         # Process workers need the new pickle; threads already share the mutated object.
-        assert pool.update_dataset(ds) is (method != "thread")
+        assert pool.update_dataset(ds).sent is (method != "thread")
         out = list(pool.imap(range(12)))
         assert {s for s, _ in out} == {1} and {w for _, w in out} == {0, 1, 2}
-        assert pool.update_dataset(ds) is False  # unchanged: nothing sent
+        assert pool.update_dataset(ds).sent is False  # unchanged: nothing sent
         replacement = StateDataset(12, state=2)
-        assert pool.update_dataset(replacement) is True
+        assert pool.update_dataset(replacement).sent is True
         out = list(pool.imap(range(3)))
         assert {s for s, _ in out} == {2} and {w for _, w in out} == {0, 1, 2}
 
@@ -408,7 +408,7 @@ def test_update_dataset_while_an_epoch_is_half_consumed(method):
         it = pool.imap(range(12))
         first = [next(it) for _ in range(3)]
         ds.state = 5
-        assert pool.update_dataset(ds) is True
+        assert pool.update_dataset(ds).sent is True
         rest = list(it)
         states = [s for s, _ in first + rest]
         assert len(states) == 12 and states[:3] == [0, 0, 0] and states[-1] == 5

@@ -137,8 +137,8 @@ def test_ray_pool_orders_updates_seeds_and_shuts_ray_down(monkeypatch):
         assert {b["worker"] for b in got} <= {0, 1}
         # An update reaches both actors: every batch afterwards has the new offset.
         dataset.offset = 1000
-        assert pool.update_dataset(dataset) is True
-        assert pool.update_dataset(dataset) is False  # unchanged pickle: nothing sent
+        assert pool.update_dataset(dataset).sent is True
+        assert pool.update_dataset(dataset).sent is False  # unchanged pickle: nothing sent
         got = list(pool.imap(range(23, -1, -1)))
         assert [int(b["x"][0, 0]) for b in got] == [i * 3 + 1000 for i in range(23, -1, -1)]
         assert {b["worker"] for b in got} == {0, 1}

@@ -15,7 +15,7 @@ from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset
 import compatmp
 from compatmp import _shm
 from compatmp._pool import OrderedPool
-from compatmp._shared_data import DatasetSharer
+from compatmp._shared_data import CHUNK, DatasetSharer
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 
@@ -31,7 +31,7 @@ def _by_worker(pool: OrderedPool, n: int) -> dict[int, list[dict]]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "fork"])
-def test_workers_see_read_only_views_of_one_shared_block(method):
+def test_workers_see_private_writable_views_of_one_shared_block(method):
     ds = BigArrayDataset()
     with OrderedPool(ds, workers=2, start_method=method) as pool:
         names = pool._sharer.block_names()
@@ -41,7 +41,7 @@ def test_workers_see_read_only_views_of_one_shared_block(method):
         assert len(seen) == 2
         for batches in seen.values():
             for b in batches:
-                assert b["writeable"] is False  # read-only view, not a private copy
+                assert b["writeable"] is True  # as in the main process (and under fork)
                 if LINUX:  # the array's memory is the block itself, in every worker
                     assert b["file"] == f"/dev/shm/{names[0]}"
         assert ds.x.flags.writeable  # the main process's array is untouched
@@ -52,31 +52,22 @@ def test_workers_see_read_only_views_of_one_shared_block(method):
 @pytest.mark.parametrize("method", PROCESS_METHODS)
 def test_changed_big_array_reaches_every_worker_and_unchanged_is_not_resent(method, monkeypatch):
     ds = BigArrayDataset()
-    copies = []
-    original = DatasetSharer._copy_to_block
-    monkeypatch.setattr(
-        DatasetSharer,
-        "_copy_to_block",
-        lambda self, raw: copies.append(raw.nbytes) or original(self, raw),
-    )
     with OrderedPool(ds, workers=2, start_method=method) as pool:
         _by_worker(pool, 8)
-        assert pool.update_dataset(ds) is False  # nothing changed: nothing sent
+        assert not pool.update_dataset(ds)  # nothing changed: nothing sent
         ds.on_epoch_end()  # small change only
-        copies.clear()
-        assert pool.update_dataset(ds) is True
+        report = pool.update_dataset(ds)
+        assert report.sent and report.bytes_copied == 0 and report.changed_buffers == 0
         blocks = pool._sharer.block_names()
-        assert copies == []  # the big array was not copied again (fork: nor put in a block)
         seen = _by_worker(pool, 8)
         assert all(b["value"] == 7.0 for b in next(iter(seen.values()))[:1])
-        copies.clear()
         ds.on_epoch_end()
-        assert pool.update_dataset(ds) is True
-        assert copies == [] and pool._sharer.block_names() == blocks  # same block, not re-sent
+        report = pool.update_dataset(ds)
+        assert report.bytes_copied == 0 and pool._sharer.block_names() == blocks
 
         ds.x = ds.x + 1000  # a new array: sent once, reaches every worker
-        assert pool.update_dataset(ds) is True
-        assert copies == [BIG * 8]
+        report = pool.update_dataset(ds)
+        assert report.bytes_copied == BIG * 8 and report.changed_buffers == 1
         seen = _by_worker(pool, 8)
         assert len(seen) == 2
         for batches in seen.values():
@@ -85,10 +76,48 @@ def test_changed_big_array_reaches_every_worker_and_unchanged_is_not_resent(meth
         if LINUX:  # the replaced block is gone already
             assert not set(blocks) & set(os.listdir("/dev/shm"))
 
-        ds.x *= 2  # an in-place write over the whole array is seen (sampled fingerprint)
-        assert pool.update_dataset(ds) is True
+        ds.x *= 2  # an in-place write over the whole array: every piece copied again
+        report = pool.update_dataset(ds)
+        assert report.bytes_copied == BIG * 8
         for batches in _by_worker(pool, 8).values():
             assert all(b["value"] >= 2000 for b in batches)
+
+        ds.x[5] = -1.0  # one element, written in place: exactly one piece is copied
+        report = pool.update_dataset(ds)
+        assert report.changed_buffers == 1 and report.bytes_copied == CHUNK
+        values = {b["value"] for bs in _by_worker(pool, 8).values() for b in bs}
+        assert -1.0 in values
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_a_workers_write_stays_in_that_worker_under_every_start_method(method):
+    """issue 17.2: writable arrays in every worker, as under fork; writes stay private."""
+    from shared_data_helpers import CachingDataset
+
+    ds = CachingDataset()
+    with OrderedPool(ds, workers=2, start_method=method) as pool:
+        out = list(pool.imap(range(8)))
+        for i, (worker, cache, _) in enumerate(out):
+            assert cache[i] == -(i + 1)  # its own write, no "read-only" ValueError
+            for j, (other, _, _) in enumerate(out):
+                if other != worker:
+                    assert cache[j] == 0.0  # never another worker's write
+        assert not ds.cache.any()  # nor the main process's array, nor the block
+
+        ds.labels[3] = 9.0  # the main changes labels only: cache is unchanged, not re-sent
+        report = pool.update_dataset(ds)
+        assert report.changed_buffers == 1
+        for i, (_, cache, labels) in enumerate(pool.imap(range(8))):
+            assert labels[3] == 9.0
+            assert cache[i] == -(i + 1)
+
+        ds.cache[0] = 0.5  # now cache changed in the main: re-sent, the workers' writes go
+        pool.update_dataset(ds)
+        out = list(pool.imap([7]))
+        _, cache, _ = out[0]
+        assert cache[0] == 0.5 and cache[7] == -8.0
+        assert all(v == 0.0 for v in cache[1:7])  # earlier writes of this worker are gone
 
 
 @pytest.mark.timeout(60)
@@ -102,17 +131,22 @@ def test_fork_workers_inherit_the_dataset_without_a_block():
         assert all(b["writeable"] for b in batches)  # the inherited (copy-on-write) array
         assert shm_entries() == []
         ds.on_epoch_end()  # a small change: the big array is referenced, not sent
-        assert pool.update_dataset(ds) is True
+        assert pool.update_dataset(ds).bytes_copied == 0
         assert pool._sharer.block_names() == [] and shm_entries() == []
         seen = _by_worker(pool, 8)
         assert len(seen) == 2
         for batches in seen.values():
             for b in batches:
-                assert b["writeable"] is False  # a read-only view of its inherited pages
+                assert b["writeable"] is True  # a view of its inherited copy-on-write pages
                 assert not (b["file"] or "").startswith("/dev/shm")  # private, not a block
         assert sorted(b["value"] for bs in seen.values() for b in bs) == [
             float(v) for v in range(8)
         ]
+        ds.x[3] = -5.0  # written after the fork: not in the workers' pages, so sent
+        report = pool.update_dataset(ds)
+        assert report.changed_buffers == 1 and len(pool._sharer.block_names()) == 1
+        values = sorted(b["value"] for bs in _by_worker(pool, 8).values() for b in bs)
+        assert values[0] == -5.0
 
 
 def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
@@ -125,24 +159,33 @@ def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
         assert len(payload.buffers) == 1 and payload.buffers[0].nbytes == BIG * 8
         assert "numpy" in payload.modules
         back = payload.load()
-        assert back["big"].flags.writeable is False and back["a"].flags.writeable
+        assert back["big"].flags.writeable and back["a"].flags.writeable
         np.testing.assert_array_equal(back["big"], small["big"])
     finally:
         sharer.close()
     assert shm_entries() == []
 
 
-def test_read_only_array_is_trusted_without_fingerprint(monkeypatch):
-    from compatmp import _shared_data
-
+def test_read_only_array_is_compared_too_and_stays_read_only_in_workers():
     x = np.ones(BIG)
     x.setflags(write=False)
     sharer = DatasetSharer()
     sharer.check([x])
-    calls = []
-    monkeypatch.setattr(_shared_data, "_fingerprint", lambda raw: calls.append(1) or b"")
-    payload, _ = sharer.update([x])
-    assert payload is None and calls == []
+    try:
+        payload = sharer.start(_shm.block_prefix(os.getpid(), "t003"), [x])
+        assert payload.load()[0].flags.writeable is False  # as in the main process
+        assert sharer.update([x]) is None
+        x.setflags(write=True)
+        x[7] = 3.0  # flipped, written, flipped back: still found (nothing is trusted)
+        x.setflags(write=False)
+        update = sharer.update([x])
+        assert update is not None and update.report.bytes_copied == CHUNK
+        sharer.commit(update)
+        back = update.payload.load()[0]
+        assert back[7] == 3.0 and back.flags.writeable is False
+    finally:
+        sharer.close()
+    assert shm_entries() == []
 
 
 @pytest.mark.timeout(60)
@@ -261,7 +304,7 @@ def test_dataset_blocks_are_unlinked_after_a_batch_error_and_on_garbage_collecti
 
 
 def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
-    from compatmp import _shared_data
+    from compatmp import _by_value
 
     calls = []
 
@@ -271,9 +314,9 @@ def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
             raise TypeError("cannot pickle this module's state")
         return b"ok", ()
 
-    monkeypatch.setattr(_shared_data, "_by_value_modules", lambda obj: [np])
-    monkeypatch.setattr(_shared_data, "_dump_once", flaky)
-    assert _shared_data._dump(object(), None) == (b"ok", ())
+    monkeypatch.setattr(_by_value, "_by_value_modules", lambda obj: [np])
+    monkeypatch.setattr(_by_value, "_dump_once", flaky)
+    assert _by_value.dump_dataset(object(), None) == (b"ok", ())
     assert calls == [[np], []]
 
 
@@ -301,3 +344,45 @@ def test_forkserver_preload_uses_the_modules_noted_while_pickling(monkeypatch):
         assert Ctx.preload[0] == "compatmp._worker" and "numpy" in Ctx.preload
     finally:
         sharer.close()
+
+
+@pytest.mark.parametrize("inherit", [False, True])
+def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatch, inherit):
+    """No room for a block (Docker's 64 MB /dev/shm): the buffer travels in the pickle."""
+    x = np.zeros(BIG)
+    sharer = DatasetSharer(inherit=inherit)
+    if not inherit:  # no room from the start
+        monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+    sharer.check([x])
+    try:
+        first = sharer.start(_shm.block_prefix(os.getpid(), "t004"), [x])
+        if inherit:  # forked workers inherited it; no room once it must go to a block
+            monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+        else:
+            assert first.buffers == () and len(first.data) > BIG * 8
+        x[123] = 4.0  # a sparse write (fork: after the fork)
+        update = sharer.update([x])
+        assert update is not None and update.payload.buffers == ()  # in-band
+        assert len(update.payload.data) > BIG * 8
+        sharer.commit(update)
+        assert sharer.block_names() == [] and shm_entries() == []
+        np.testing.assert_array_equal(update.payload.load()[0], x)
+        assert sharer.update([x]) is None  # exact in-band: unchanged is not re-sent
+    finally:
+        sharer.close()
+    assert shm_entries() == []
+
+
+def test_the_worker_loads_any_worker_payload_by_its_load_method():
+    from compatmp._preload import WorkerPayload
+    from compatmp._worker import _materialize
+
+    class Payload(WorkerPayload):
+        def load(self):
+            return "loaded"
+
+        def preload_modules(self):
+            return ("numpy",)
+
+    assert _materialize(Payload(), True) == "loaded"
+    assert isinstance(_materialize(Payload(), False), Payload)  # threads get the object

@@ -362,7 +362,7 @@ def test_pool_delivers_each_batch_once_in_order_under_crashes_and_updates(
             if update:
                 version += 1
                 try:
-                    assert pool.update_dataset(Versioned(20, version)) is True
+                    assert pool.update_dataset(Versioned(20, version)).sent is True
                 except WorkerCrashedError:
                     assert crash is not None and core.closed
                     return
