@@ -162,13 +162,14 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from hardening_helpers import BigBatches
 from compatmp._pool import OrderedPool
+from pool_datasets import shm_entries
 
 held = []
 for _ in range(3):
     pool = OrderedPool(BigBatches(), workers=2, start_method={method!r})
     it = pool.imap(range(1000))
     held.append((pool, it, [next(it) for _ in range(4)]))
-print("holding", flush=True)
+print("holding", *shm_entries(), flush=True)
 time.sleep(600)
 """
 
@@ -186,7 +187,8 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
         start_new_session=True,  # its own process group, as under `timeout -s KILL`
     )
     try:
-        assert proc.stdout.readline().strip() == "holding"
+        holding, *blocks = proc.stdout.readline().split()
+        assert holding == "holding"
         group = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -194,14 +196,18 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
     deadline = time.monotonic() + 30
     while any(pid_alive(p) for p in group) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(shm_entries(proc.pid)) >= 3  # 3 pools held batches; nobody cleaned up
+    # The blocks of the 3 pools, listed while their owner lived (nobody sweeps a live owner's
+    # blocks). Counted by name, not after the kill: any compatmp pool starting on this machine
+    # from now on - another test run's too - may sweep them first, which is the point.
+    assert len(blocks) >= 3 and all(b.startswith(_shm.owner_prefix(proc.pid)) for b in blocks)
     with OrderedPool(BigBatches(), workers=1, start_method=method) as pool:
         assert next(pool.imap([0]))[0][0, 0] == 0
+    assert not set(blocks) & set(os.listdir("/dev/shm"))
     assert shm_entries(proc.pid) == []
 
 
-def _fake_block(owner: int, mtime: float) -> str:
-    name = _shm.block_prefix(owner, _shm.pool_token()) + "zzzzz"
+def _fake_block(owner: int, mtime: float, namespace: int | str = "self") -> str:
+    name = _shm.block_prefix(owner, _shm.pool_token(), namespace) + "zzzzz"
     path = os.path.join("/dev/shm", name)
     with open(path, "wb") as f:
         f.write(b"x")
@@ -209,15 +215,20 @@ def _fake_block(owner: int, mtime: float) -> str:
     return name
 
 
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(30)
+    return dead.pid
+
+
 @needs_dev_shm
 def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
     parent = psutil.Process(os.getppid())
     started = parent.create_time()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait(30)
+    dead = _dead_pid()
     live = _fake_block(parent.pid, time.time())
     recycled = _fake_block(parent.pid, started - 3600)  # made before that process existed
-    gone = _fake_block(dead.pid, time.time())
+    gone = _fake_block(dead, time.time())
     try:
         swept = _shm.sweep_dead_owners()
         assert recycled in swept and gone in swept
@@ -227,6 +238,127 @@ def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
         for name in (live, recycled, gone):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join("/dev/shm", name))
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root"
+)
+
+
+@needs_dev_shm
+@needs_root
+def test_sweep_touches_nothing_of_another_user_namespace_or_file_type():
+    # Issue 17.3: "owner dead" was decided from the pid alone. Every entry below names a dead
+    # pid; only the first is provably ours (this namespace, this user, a regular file).
+    ns = _shm.current_pid_namespace()
+    assert ns is not None
+    dead = _dead_pid()
+    ours = _fake_block(dead, time.time())
+    other_ns = _fake_block(dead, time.time(), namespace=ns + 1)  # pids there are not ours
+    short = _fake_block(dead, time.time(), namespace=None)  # no namespace: proves nothing
+    other_user = _fake_block(dead, time.time())
+    os.chown(os.path.join("/dev/shm", other_user), 65534, 65534)  # nobody's
+    target = _fake_block(os.getpid(), time.time())  # live owner: a symlink must not reach it
+    link = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    os.symlink(os.path.join("/dev/shm", target), os.path.join("/dev/shm", link))
+    folder = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    os.mkdir(os.path.join("/dev/shm", folder))
+    kept = [other_ns, short, other_user, target, link, folder]
+    try:
+        swept = _shm.sweep_dead_owners()
+        assert ours in swept and not set(kept) & set(swept)
+        assert all(os.path.lexists(os.path.join("/dev/shm", n)) for n in kept)
+    finally:
+        for name in [ours, *kept]:
+            path = os.path.join("/dev/shm", name)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(path) if name == folder else os.unlink(path)
+
+
+@needs_dev_shm
+@needs_root
+@pytest.mark.timeout(60)
+def test_close_ignores_foreign_entries_under_the_pool_prefix():
+    # Issue 17.5: close() raised OSError when another user had put an entry with the pool's
+    # prefix in /dev/shm. It must leave such entries alone and still remove its own blocks.
+    pool = OrderedPool(BigBatches(), workers=1, start_method=PROCESS_METHODS[0])
+    prefix = pool._core.shm_prefix
+    foreign = os.path.join("/dev/shm", prefix + "zzzzz")
+    folder = os.path.join("/dev/shm", prefix + "yyyyy")
+    try:
+        assert next(pool.imap([3]))[0][0, 0] == 3
+        with open(foreign, "wb") as f:
+            f.write(b"x")
+        os.chown(foreign, 65534, 65534)
+        os.mkdir(folder)
+        pool.close()  # must not raise
+        assert sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix)) == sorted(
+            [os.path.basename(foreign), os.path.basename(folder)]
+        )
+    finally:
+        pool.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(foreign)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(folder)
+
+
+def _unshare_works() -> bool:
+    if sys.platform != "linux" or not os.path.exists("/usr/bin/unshare"):
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+_NAMESPACE_SCRIPT = """
+import os, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp import _shm
+from compatmp._pool import OrderedPool
+print("namespace", _shm.current_pid_namespace(), "pid", os.getpid(), flush=True)
+print("swept", *_shm.sweep_dead_owners(), flush=True)
+with OrderedPool(BigBatches(), workers=1, start_method="fork") as pool:  # sweeps again
+    print("batch", int(next(pool.imap([5]))[0][0, 0]), flush=True)
+"""
+
+
+@needs_dev_shm
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare --pid --fork --mount-proc`")
+def test_a_pool_in_another_pid_namespace_leaves_our_live_blocks_alone():
+    # Issue 17.3: /dev/shm shared between PID namespaces (docker --ipc=host). Our pid does not
+    # exist in a fresh namespace, so a pool there judged our live blocks dead and removed them.
+    with OrderedPool(BigBatches(), workers=1, start_method=PROCESS_METHODS[0]) as pool:
+        it = pool.imap(range(10))
+        held = [next(it) for _ in range(3)]
+        ours = shm_entries()
+        assert ours
+        script = _NAMESPACE_SCRIPT.format(tests=TESTS_DIR, root=ROOT)
+        proc = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+        namespace, _, pid = lines["namespace"]
+        assert int(namespace) != _shm.current_pid_namespace() and pid == "1"
+        assert not set(lines["swept"]) & set(ours)
+        assert lines["batch"] == ["5"]
+        assert set(ours) <= set(os.listdir("/dev/shm"))
+        assert [int(x[0][0, 0]) for x in held] == [0, 1, 2]
+        assert [int(next(it)[0][0, 0]) for _ in range(3)] == [3, 4, 5]  # blocks still there
 
 
 # ---------------------------------------------------------------------------------------------
