@@ -385,6 +385,56 @@ def test_stall_warning_names_pid_index_and_the_stuck_frame(method, caplog):
         assert any(f"(pid {pid})" in text for pid in pids)
 
 
+_STARTING_SCRIPT = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp._pool import OrderedPool
+
+
+def slow_start(worker_id):  # the workers never report ready: no batch ever arrives
+    print("worker", os.getpid(), flush=True)
+    time.sleep(600)
+
+
+pool = OrderedPool(BigBatches(), workers=2, start_method={method!r}, worker_init_fn=slow_start)
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def _stack_files(folder) -> list[str]:
+    # Only ours: multiprocessing's forkserver keeps its socket in a pymp-* folder there too.
+    return [p.name for p in folder.iterdir() if p.name.startswith("compatmp-stack-")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="unnamed stack files need /proc/<pid>/fd")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_no_stack_file_survives_a_main_killed_before_its_first_batch(method, tmp_path):
+    # Issue 17.5: the main unlinked a worker's stack file only when the worker reported ready,
+    # so a main SIGKILLed before that left /tmp/compatmp-stack-* for good.
+    script = _STARTING_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # tempfile.gettempdir() of that run
+        start_new_session=True,
+    )
+    try:
+        lines = [proc.stdout.readline().split() for _ in range(3)]
+        assert sorted(line[0] for line in lines) == ["started", "worker", "worker"], lines
+        # The workers run their init function, so they have opened their stack files.
+        assert _stack_files(tmp_path) == []
+        os.kill(proc.pid, signal.SIGKILL)  # the main alone; its workers notice and exit
+        proc.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _stack_files(tmp_path) == []
+
+
 @pytest.mark.timeout(60)
 def test_stall_timeout_zero_or_none_disables_it(caplog):
     caplog.set_level(logging.WARNING, logger="compatmp")
