@@ -206,9 +206,22 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
     assert shm_entries(proc.pid) == []
 
 
-def _fake_block(owner: int, mtime: float, namespace: int | str = "self") -> str:
+@pytest.fixture
+def private_shm_dir(tmp_path, monkeypatch):
+    """``_shm``'s view of ``/dev/shm``, redirected to a folder only this test sees.
+
+    The sweep unit tests plant blocks of dead owners; in the real ``/dev/shm`` any compatmp
+    pool starting meanwhile on this machine (another test run's too) could sweep them first.
+    """
+    if _shm.current_pid_namespace() is None:
+        pytest.skip("needs Linux PID namespaces (/proc/self/ns/pid)")
+    monkeypatch.setattr(_shm, "_SHM_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _fake_block(folder, owner: int, mtime: float, namespace: int | str | None = "self") -> str:
     name = _shm.block_prefix(owner, _shm.pool_token(), namespace) + "zzzzz"
-    path = os.path.join("/dev/shm", name)
+    path = os.path.join(folder, name)
     with open(path, "wb") as f:
         f.write(b"x")
     os.utime(path, (mtime, mtime))
@@ -221,23 +234,16 @@ def _dead_pid() -> int:
     return dead.pid
 
 
-@needs_dev_shm
-def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
+def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids(private_shm_dir):
     parent = psutil.Process(os.getppid())
     started = parent.create_time()
     dead = _dead_pid()
-    live = _fake_block(parent.pid, time.time())
-    recycled = _fake_block(parent.pid, started - 3600)  # made before that process existed
-    gone = _fake_block(dead, time.time())
-    try:
-        swept = _shm.sweep_dead_owners()
-        assert recycled in swept and gone in swept
-        assert live not in swept
-        assert os.path.exists(os.path.join("/dev/shm", live))
-    finally:
-        for name in (live, recycled, gone):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join("/dev/shm", name))
+    live = _fake_block(private_shm_dir, parent.pid, time.time())
+    recycled = _fake_block(private_shm_dir, parent.pid, started - 3600)  # before it existed
+    gone = _fake_block(private_shm_dir, dead, time.time())
+    swept = _shm.sweep_dead_owners()
+    assert sorted(swept) == sorted([recycled, gone])
+    assert os.listdir(private_shm_dir) == [live]
 
 
 needs_root = pytest.mark.skipif(
@@ -245,34 +251,26 @@ needs_root = pytest.mark.skipif(
 )
 
 
-@needs_dev_shm
 @needs_root
-def test_sweep_touches_nothing_of_another_user_namespace_or_file_type():
+def test_sweep_touches_nothing_of_another_user_namespace_or_file_type(private_shm_dir):
     # Issue 17.3: "owner dead" was decided from the pid alone. Every entry below names a dead
     # pid; only the first is provably ours (this namespace, this user, a regular file).
+    folder = private_shm_dir
     ns = _shm.current_pid_namespace()
-    assert ns is not None
     dead = _dead_pid()
-    ours = _fake_block(dead, time.time())
-    other_ns = _fake_block(dead, time.time(), namespace=ns + 1)  # pids there are not ours
-    short = _fake_block(dead, time.time(), namespace=None)  # no namespace: proves nothing
-    other_user = _fake_block(dead, time.time())
-    os.chown(os.path.join("/dev/shm", other_user), 65534, 65534)  # nobody's
-    target = _fake_block(os.getpid(), time.time())  # live owner: a symlink must not reach it
+    ours = _fake_block(folder, dead, time.time())
+    other_ns = _fake_block(folder, dead, time.time(), namespace=ns + 1)  # pids there: not ours
+    short = _fake_block(folder, dead, time.time(), namespace=None)  # no namespace: proves nothing
+    other_user = _fake_block(folder, dead, time.time())
+    os.chown(folder / other_user, 65534, 65534)  # nobody's
+    target = _fake_block(folder, os.getpid(), time.time())  # live owner: a symlink must not reach
     link = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
-    os.symlink(os.path.join("/dev/shm", target), os.path.join("/dev/shm", link))
-    folder = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
-    os.mkdir(os.path.join("/dev/shm", folder))
-    kept = [other_ns, short, other_user, target, link, folder]
-    try:
-        swept = _shm.sweep_dead_owners()
-        assert ours in swept and not set(kept) & set(swept)
-        assert all(os.path.lexists(os.path.join("/dev/shm", n)) for n in kept)
-    finally:
-        for name in [ours, *kept]:
-            path = os.path.join("/dev/shm", name)
-            with contextlib.suppress(FileNotFoundError):
-                os.rmdir(path) if name == folder else os.unlink(path)
+    os.symlink(folder / target, folder / link)
+    subdir = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    os.mkdir(folder / subdir)
+    swept = _shm.sweep_dead_owners()
+    assert swept == [ours]
+    assert sorted(os.listdir(folder)) == sorted([other_ns, short, other_user, target, link, subdir])
 
 
 @needs_dev_shm
