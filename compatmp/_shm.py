@@ -40,29 +40,45 @@ it, except after a crash:
    an unlinked block lives until its last mapping is closed (on Windows, its last handle),
    and the main process closes its handle when the last such array is garbage.
 4. A worker killed with SIGKILL (OOM killer, segfault) cannot. Block names start with a
-   per-pool prefix holding the main process id and a 64-bit random pool token
-   (:func:`block_prefix`, :func:`pool_token`), so the pool's ``close()`` finds and unlinks them
-   with :func:`sweep` where the OS lists shared memory as files (``/dev/shm`` on Linux).
+   per-pool prefix holding the main process id, on Linux its PID namespace, and a 64-bit
+   random pool token (:func:`block_prefix`, :func:`pool_token`), so the pool's ``close()``
+   finds and unlinks them with :func:`sweep` where the OS lists shared memory as files
+   (``/dev/shm`` on Linux). :func:`sweep` removes only regular files of this user: an entry
+   another user put there under the same prefix is left alone, and never makes it raise.
 5. When the main process itself is killed with its workers (``os.killpg``, ``timeout -s
    KILL``, ``docker kill``, Slurm), nobody is left to sweep, and the resource tracker (in the
    same process group) dies too. So every pool start-up first runs :func:`sweep_dead_owners`:
-   it unlinks blocks whose owner (the pid in the name) is gone, or is a recycled pid (a
-   process that started after the block was made). See "Shared memory on each OS" in
-   docs/architecture.md for what each OS guarantees and why blocks are named, not passed as
-   file descriptors.
+   it unlinks blocks that are provably this user's and of this PID namespace and whose owner
+   (the pid in the name) is gone, or is a recycled pid (a process that started after the block
+   was made). Pids of another PID namespace mean nothing here (``/dev/shm`` shared between
+   containers, ``docker --ipc=host``): such blocks, names without a namespace, other users'
+   entries and anything but a regular file are never touched. See "Shared memory on each OS"
+   in docs/architecture.md for what each OS guarantees, why the namespace is in the name
+   rather than a liveness lock, and why blocks are named, not passed as file descriptors.
+
+File descriptors: a process maps each block and closes the descriptor from ``shm_open`` at
+once (:class:`Block`); the mapping stays valid without it (POSIX ``mmap``: it "adds an extra
+reference to the file ... which is not removed by a subsequent close()"). ``SharedMemory``
+keeps two per block (its own, and the ``dup`` inside ``mmap.mmap``), so a main process
+holding many zero-copy batches hit ``ulimit -n`` (256 on macOS: EMFILE after 121 batches of
+300 KB) and a worker holding their blocks in use did too. Held batches are now limited by
+memory only. A :class:`Block`'s mapping is unmapped when the last array viewing it is
+garbage, not by ``close()``, so an array can never outlive its memory. Windows keeps
+``SharedMemory`` (one handle per mapping, which is what keeps the block alive there).
 
 Resource tracker (bpo-38119, python/cpython#82300): ``SharedMemory`` registers a block with
 ``multiprocessing``'s resource tracker on create and, before Python 3.13 (or with
 ``track=True``, the default, since), also on attach; the tracker unlinks - and warns about
 ("resource_tracker: There appear to be N leaked shared_memory objects") - whatever is still
 registered when the last process using it exits. The tracker keeps a *set* of names per type
-(3.10 to 3.13 alike), so we leave tracking on and make it balance instead of using
-``track=False`` (3.13+ only): the worker's create registers a name, the main's attaches
-re-register the same name (a no-op in a set) strictly before the main releases the block, and
-the worker's unlink unregisters it. This needs worker and main to talk to the *same* tracker:
-:func:`ensure_tracker` starts the main's tracker before any worker starts, so fork children
-inherit it and spawn/forkserver children are handed its fd. Blocks of a killed worker stay
-registered; :func:`sweep` unlinks *and* unregisters them, so nothing is reported at exit.
+(3.10 to 3.13 alike). :class:`Block` keeps exactly ``SharedMemory``'s create and unlink
+semantics and does not register on attach: the worker's create registers a name once and the
+worker's unlink unregisters it once; the main process, which only attaches, never touches the
+tracker. This needs worker and main to talk to the *same* tracker: :func:`ensure_tracker`
+starts the main's tracker before any worker starts, so fork children inherit it and
+spawn/forkserver children are handed its fd. Blocks of a killed worker stay registered;
+:func:`sweep` unlinks *and* unregisters them (registering first, so the unregister balances
+whatever the tracker holds), so nothing is reported at exit.
 
 Windows has no unlink: a block lives while some process has a handle open. Rule 1 (the worker
 holds its handle until the release) is exactly what makes blocks survive until the main
