@@ -237,17 +237,17 @@ def prepare_images(
         big.save(staging / name)
         lines.append(f"{name},{int(label)}\n")
     (staging / _MANIFEST).write_text("".join(lines), encoding="ascii")
-    if os.path.lexists(target):  # an incomplete or damaged set of ours: replace it
-        _check_private(target, "image directory")
-        stale = Path(tempfile.mkdtemp(prefix=f".stale-{image_size}px-", dir=root))
-        with contextlib.suppress(OSError):  # another process may have replaced it already
-            os.replace(target, stale / "old")
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        # Another process won the race (the target now exists and is not empty).
-        shutil.rmtree(staging, ignore_errors=True)
+    # Another process may have finished a valid set meanwhile: keep it (it may be reading it).
+    if _read_manifest(target, manifest) is None:
+        if os.path.lexists(target):  # an incomplete or damaged set of ours: replace it
+            _check_private(target, "image directory")
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-{image_size}px-", dir=root))
+            with contextlib.suppress(OSError):  # another process may have replaced it already
+                os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process won the race: it is theirs
+            os.replace(staging, target)
+    shutil.rmtree(staging, ignore_errors=True)  # gone if it became the target
     found = _read_manifest(target, manifest)
     if found is None:
         raise RuntimeError(
