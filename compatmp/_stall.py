@@ -132,7 +132,8 @@ def install_in_worker(path: str) -> None:
 
     A named file (not under ``/proc``) is unlinked once open: only this worker's descriptor
     needs it. If it cannot be opened (the main process closed the pool meanwhile, ``/proc``
-    refused), the worker runs without stack dumps; stall reports then say no stack arrived.
+    refused), the worker runs without stack dumps and ignores SIGUSR1; stall reports then say
+    no stack arrived. Call from the worker's main thread (signal handlers live there).
 
     Args:
         path (str): the :attr:`StackFile.path` the main process created.
@@ -143,6 +144,8 @@ def install_in_worker(path: str) -> None:
     try:
         _worker_file = open(path, "ab", buffering=0)
     except OSError:
+        # No dumps, and the main's SIGUSR1 must not kill us (its default action terminates).
+        signal.signal(_STACK_SIGNAL, signal.SIG_IGN)
         return
     if not path.startswith("/proc/"):
         try:

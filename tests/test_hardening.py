@@ -27,6 +27,7 @@ import compatmp
 from compatmp import _shm
 from compatmp._pool import OrderedPool
 from compatmp._seeds import batch_seed_sequence
+from compatmp._stall import supported as _stall_supported
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 
@@ -522,3 +523,24 @@ def test_fit_stall_report_shows_the_stuck_frame(caplog):
     assert stalls and "stuck_here" in stalls[0], caplog.text
     with pytest.raises(TypeError, match="stall_timeout"):
         compatmp.fit(hh.tiny_model(), StuckBatches(2, 9, 0), workers=1, stall_timeout="1")
+
+
+_NO_STACK_FILE_SCRIPT = """
+import os, signal, sys, time
+sys.path[:0] = [{root!r}]
+from compatmp import _stall
+_stall.install_in_worker("/proc/%d/fd/999999" % os.getppid())  # cannot be opened
+os.kill(os.getpid(), signal.SIGUSR1)  # what the main sends for a stall report
+time.sleep(0.2)
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.skipif(not _stall_supported(), reason="stack dumps need SIGUSR1 and faulthandler")
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_open_its_stack_file_survives_stall_signals():
+    script = _NO_STACK_FILE_SCRIPT.format(root=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0 and proc.stdout == "alive\n", proc.stderr
