@@ -26,6 +26,8 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -61,20 +63,120 @@ NOISE_STD = 0.05
 TEST_FRACTION = 0.2
 
 _MANIFEST = "labels.csv"
+_N_IMAGES = 1797  # sklearn.datasets.load_digits()
+_LABELS = frozenset(str(d) for d in range(10))
 
 
 def default_cache_dir() -> Path:
-    """Return the default directory for the demo's PNG files.
+    """Return the default directory for the demo's PNG files: private to this user.
+
+    A fixed name in the shared temp directory (``/tmp/compatmp-demo``, as before) let another
+    user create it first and hand the demo whatever files they liked. The default is now the
+    user's cache directory, following the conventions ``platformdirs.user_cache_dir`` uses:
+    ``$XDG_CACHE_HOME/compatmp/demo`` or ``~/.cache/compatmp/demo`` (Linux and other POSIX),
+    ``~/Library/Caches/compatmp/demo`` (macOS), ``%LOCALAPPDATA%\\compatmp\\Cache\\demo``
+    (Windows). Without a usable home directory it is ``<temp dir>/compatmp-demo-<uid>``, which
+    :func:`prepare_images` creates with mode 0700 and refuses if another user owns it.
 
     Returns:
-        Path: ``<system temp dir>/compatmp-demo`` (``tempfile.gettempdir()``, which is valid on
-        Linux, macOS and Windows). Override with ``--cache-dir`` or the ``COMPATMP_DEMO_CACHE``
-        environment variable.
+        Path: the directory (not created here). Override with ``--cache-dir`` or the
+        ``COMPATMP_DEMO_CACHE`` environment variable.
     """
     env = os.environ.get("COMPATMP_DEMO_CACHE")
     if env:
         return Path(env)
-    return Path(tempfile.gettempdir()) / "compatmp-demo"
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA")
+        if base:
+            return Path(base) / "compatmp" / "Cache" / "demo"
+    elif sys.platform == "darwin":
+        home = _home()
+        if home is not None:
+            return home / "Library" / "Caches" / "compatmp" / "demo"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        if xdg and os.path.isabs(xdg):  # the XDG spec: a relative value is invalid, ignore it
+            return Path(xdg) / "compatmp" / "demo"
+        home = _home()
+        if home is not None:
+            return home / ".cache" / "compatmp" / "demo"
+    user = os.geteuid() if hasattr(os, "geteuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"compatmp-demo-{user}"
+
+
+def _home() -> Path | None:
+    """The user's home directory if it exists and is a directory, else None."""
+    home = Path(os.path.expanduser("~"))
+    return home if home.is_absolute() and home.is_dir() else None
+
+
+def _check_private(path: Path, what: str) -> None:
+    """Raise unless ``path`` is a real directory of this user that no one else can write.
+
+    POSIX only (Windows has no uid; its per-user cache directory is private by ACL).
+
+    Raises:
+        PermissionError: ``path`` is a symlink, not a directory, owned by another user, or
+            writable by group or others.
+    """
+    if not hasattr(os, "geteuid"):
+        return
+    st = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
+    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"is writable by other users (mode {stat.filemode(st.st_mode)})"
+    if problem is not None:
+        raise PermissionError(
+            f"compatmp demo: the {what} {str(path)!r} {problem}, so its files cannot be "
+            "trusted. Remove it, or pass --cache-dir (or COMPATMP_DEMO_CACHE) naming a "
+            "directory of your own."
+        )
+
+
+def _read_manifest(target: Path, manifest: Path) -> tuple[list[str], np.ndarray] | None:
+    """The image paths and labels of a built image set, or None if it is not one we made.
+
+    Valid means: ``target`` is a private directory of this user (:func:`_check_private`);
+    the manifest is a regular file listing ``0000.png`` ... ``1796.png`` in order with a label
+    0..9 each; and every image is a regular file (not a symlink) of this user.
+
+    Raises:
+        PermissionError: ``target`` exists but another user owns it or can write it.
+    """
+    try:
+        if not stat.S_ISREG(os.lstat(manifest).st_mode):
+            return None
+    except OSError:
+        return None
+    _check_private(target, "image directory")
+    try:
+        lines = manifest.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(lines) != _N_IMAGES:
+        return None
+    uid = os.geteuid() if hasattr(os, "geteuid") else None
+    paths, labels = [], []
+    for i, line in enumerate(lines):
+        name, _, label = line.partition(",")
+        if name != f"{i:04d}.png" or label not in _LABELS:
+            return None
+        path = target / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or (uid is not None and st.st_uid != uid):
+            return None
+        paths.append(str(path))
+        labels.append(int(label))
+    return paths, np.asarray(labels, dtype=np.int32)
 
 
 def prepare_images(
@@ -84,8 +186,12 @@ def prepare_images(
 
     The 8x8 images (values 0..16) are scaled to 0..255 and upscaled with bicubic resampling
     to ``image_size`` x ``image_size``. The files go to ``<cache_dir>/digits-<size>px/`` with a
-    ``labels.csv`` manifest written last; a directory whose manifest exists is reused as is.
-    The directory is built under a temporary name and renamed into place, so concurrent runs
+    ``labels.csv`` manifest written last. A set is reused only if it is provably one this user
+    made: the directory is this user's and nobody else can write it, the manifest lists the
+    1,797 files in order with labels 0..9, and every file is a regular file of this user;
+    anything else of this user's is rebuilt, anything of another user's is refused. The
+    default cache directory is created private (mode 0700) and refused if it is not. The
+    directory is built under a temporary name and renamed into place, so concurrent runs
     (parallel tests) never see a half-written set.
 
     Args:
@@ -99,6 +205,8 @@ def prepare_images(
 
     Raises:
         ValueError: ``image_size`` is not an int >= 8.
+        PermissionError: the cache directory or the image directory is a symlink, another
+            user's, or writable by others (the message says which and what to do).
     """
     from PIL import Image
 
@@ -107,37 +215,46 @@ def prepare_images(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / f"digits-{image_size}px"
     manifest = target / _MANIFEST
-    if not manifest.exists():
-        from sklearn.datasets import load_digits
+    if cache_dir is None and not os.environ.get("COMPATMP_DEMO_CACHE"):
+        # The default is ours to create private; a directory the user named is theirs.
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _check_private(root, "cache directory")
+    found = _read_manifest(target, manifest)
+    if found is not None:
+        return found
+    from sklearn.datasets import load_digits
 
-        digits = load_digits()
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".digits-{image_size}px-", dir=root))
-        lines = []
-        for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
-            big = Image.fromarray(pixels, mode="L").resize(
-                (image_size, image_size), Image.Resampling.BICUBIC
-            )
-            name = f"{i:04d}.png"
-            big.save(staging / name)
-            lines.append(f"{name},{int(label)}\n")
-        (staging / _MANIFEST).write_text("".join(lines), encoding="ascii")
-        try:
+    digits = load_digits()
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".digits-{image_size}px-", dir=root))  # mode 0700
+    lines = []
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        pixels = np.round(image * (255.0 / 16.0)).astype(np.uint8)
+        big = Image.fromarray(pixels, mode="L").resize(
+            (image_size, image_size), Image.Resampling.BICUBIC
+        )
+        name = f"{i:04d}.png"
+        big.save(staging / name)
+        lines.append(f"{name},{int(label)}\n")
+    (staging / _MANIFEST).write_text("".join(lines), encoding="ascii")
+    # Another process may have finished a valid set meanwhile: keep it (it may be reading it).
+    if _read_manifest(target, manifest) is None:
+        if os.path.lexists(target):  # an incomplete or damaged set of ours: replace it
+            _check_private(target, "image directory")
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-{image_size}px-", dir=root))
+            with contextlib.suppress(OSError):  # another process may have replaced it already
+                os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another process won the race: it is theirs
             os.replace(staging, target)
-        except OSError:
-            # Another process won the race (the target now exists and is not empty).
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            if not manifest.exists():
-                raise
-    paths, labels = [], []
-    for line in manifest.read_text(encoding="ascii").splitlines():
-        name, label = line.split(",")
-        paths.append(str(target / name))
-        labels.append(int(label))
-    return paths, np.asarray(labels, dtype=np.int32)
+    shutil.rmtree(staging, ignore_errors=True)  # gone if it became the target
+    found = _read_manifest(target, manifest)
+    if found is None:
+        raise RuntimeError(
+            f"compatmp demo: could not build the image set in {str(target)!r} (another "
+            "process keeps replacing it?); pass another --cache-dir"
+        )
+    return found
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,29 +40,45 @@ it, except after a crash:
    an unlinked block lives until its last mapping is closed (on Windows, its last handle),
    and the main process closes its handle when the last such array is garbage.
 4. A worker killed with SIGKILL (OOM killer, segfault) cannot. Block names start with a
-   per-pool prefix holding the main process id and a 64-bit random pool token
-   (:func:`block_prefix`, :func:`pool_token`), so the pool's ``close()`` finds and unlinks them
-   with :func:`sweep` where the OS lists shared memory as files (``/dev/shm`` on Linux).
+   per-pool prefix holding the main process id, on Linux its PID namespace, and a 64-bit
+   random pool token (:func:`block_prefix`, :func:`pool_token`), so the pool's ``close()``
+   finds and unlinks them with :func:`sweep` where the OS lists shared memory as files
+   (``/dev/shm`` on Linux). :func:`sweep` removes only regular files of this user: an entry
+   another user put there under the same prefix is left alone, and never makes it raise.
 5. When the main process itself is killed with its workers (``os.killpg``, ``timeout -s
    KILL``, ``docker kill``, Slurm), nobody is left to sweep, and the resource tracker (in the
    same process group) dies too. So every pool start-up first runs :func:`sweep_dead_owners`:
-   it unlinks blocks whose owner (the pid in the name) is gone, or is a recycled pid (a
-   process that started after the block was made). See "Shared memory on each OS" in
-   docs/architecture.md for what each OS guarantees and why blocks are named, not passed as
-   file descriptors.
+   it unlinks blocks that are provably this user's and of this PID namespace and whose owner
+   (the pid in the name) is gone, or is a recycled pid (a process that started after the block
+   was made). Pids of another PID namespace mean nothing here (``/dev/shm`` shared between
+   containers, ``docker --ipc=host``): such blocks, names without a namespace, other users'
+   entries and anything but a regular file are never touched. See "Shared memory on each OS"
+   in docs/architecture.md for what each OS guarantees, why the namespace is in the name
+   rather than a liveness lock, and why blocks are named, not passed as file descriptors.
+
+File descriptors: a process maps each block and closes the descriptor from ``shm_open`` at
+once (:class:`Block`); the mapping stays valid without it (POSIX ``mmap``: it "adds an extra
+reference to the file ... which is not removed by a subsequent close()"). ``SharedMemory``
+keeps two per block (its own, and the ``dup`` inside ``mmap.mmap``), so a main process
+holding many zero-copy batches hit ``ulimit -n`` (256 on macOS: EMFILE after 121 batches of
+300 KB) and a worker holding their blocks in use did too. Held batches are now limited by
+memory only. A :class:`Block`'s mapping is unmapped when the last array viewing it is
+garbage, not by ``close()``, so an array can never outlive its memory. Windows keeps
+``SharedMemory`` (one handle per mapping, which is what keeps the block alive there).
 
 Resource tracker (bpo-38119, python/cpython#82300): ``SharedMemory`` registers a block with
 ``multiprocessing``'s resource tracker on create and, before Python 3.13 (or with
 ``track=True``, the default, since), also on attach; the tracker unlinks - and warns about
 ("resource_tracker: There appear to be N leaked shared_memory objects") - whatever is still
 registered when the last process using it exits. The tracker keeps a *set* of names per type
-(3.10 to 3.13 alike), so we leave tracking on and make it balance instead of using
-``track=False`` (3.13+ only): the worker's create registers a name, the main's attaches
-re-register the same name (a no-op in a set) strictly before the main releases the block, and
-the worker's unlink unregisters it. This needs worker and main to talk to the *same* tracker:
-:func:`ensure_tracker` starts the main's tracker before any worker starts, so fork children
-inherit it and spawn/forkserver children are handed its fd. Blocks of a killed worker stay
-registered; :func:`sweep` unlinks *and* unregisters them, so nothing is reported at exit.
+(3.10 to 3.13 alike). :class:`Block` keeps exactly ``SharedMemory``'s create and unlink
+semantics and does not register on attach: the worker's create registers a name once and the
+worker's unlink unregisters it once; the main process, which only attaches, never touches the
+tracker. This needs worker and main to talk to the *same* tracker: :func:`ensure_tracker`
+starts the main's tracker before any worker starts, so fork children inherit it and
+spawn/forkserver children are handed its fd. Blocks of a killed worker stay registered;
+:func:`sweep` unlinks *and* unregisters them (registering first, so the unregister balances
+whatever the tracker holds), so nothing is reported at exit.
 
 Windows has no unlink: a block lives while some process has a handle open. Rule 1 (the worker
 holds its handle until the release) is exactly what makes blocks survive until the main
@@ -80,9 +96,11 @@ tmpfs kills the writer with SIGBUS.
 from __future__ import annotations
 
 import collections
+import mmap
 import os
 import re
 import secrets
+import stat
 import sys
 import threading
 import weakref
@@ -97,12 +115,15 @@ __all__ = [
     "MAX_FREE_BLOCKS",
     "SHM_THRESHOLD",
     "Attachments",
+    "Block",
     "BlockPool",
     "ShmArray",
     "block_prefix",
     "create_block",
+    "current_pid_namespace",
     "ensure_tracker",
     "names",
+    "owner_prefix",
     "pool_token",
     "room",
     "sweep",
@@ -135,23 +156,31 @@ _SHM_HEADROOM = 16 * 1024 * 1024
 # (64 random bits in base 36: 13 characters) + "_" is at most 25 characters, which leaves 5 for
 # the block token (base 36, ~26 bits; a collision just draws again). Elsewhere names may be
 # longer (Linux: 255 bytes, NAME_MAX; Windows pids can have 10 digits) and block tokens get 8
-# characters (~41 bits).
+# characters (~41 bits). Linux names also carry the PID namespace ("n" + the inode number of
+# /proc/self/ns/pid, <= 10 digits: at most 43 characters in all); macOS has no PID namespaces
+# and keeps the short form, which must fit its 31 characters on every platform.
 _MAX_NAME_LEN = 30
 _MIN_BLOCK_TOKEN_CHARS = 5
 _MAX_BLOCK_TOKEN_CHARS = 8
 _POOL_TOKEN_BITS = 64
+_LONG_NAME_LEN = 250  # Linux: NAME_MAX is 255 bytes; a margin for the leading "/"
 
-# A block name made by block_prefix(): "cmp<main pid>_<pool token>_<block token>".
-_NAME_RE = re.compile(r"cmp(\d+)_[0-9a-z]+_[0-9a-z]+\Z")
+# A block name made by block_prefix(): "cmp<main pid>n<pid namespace>_<pool token>_<block
+# token>"; the short form without "n<pid namespace>" (macOS, or /proc unusable) never matches,
+# so the start-up sweep never touches it: nothing proves whose pid it names.
+_NAME_RE = re.compile(r"cmp(\d+)n(\d+)_[0-9a-z]+_[0-9a-z]+\Z")
 
 # A live process whose creation time is later than a block's mtime plus this (seconds) cannot
 # be the block's owner: its pid was recycled. psutil's create_time is exact to a clock tick
 # (10 ms on Linux); the slack only guards against clock adjustments.
 _RECYCLE_SLACK = 1.0
 
+# block_prefix()'s default for pid_namespace: read this process's own.
+_THIS_NAMESPACE = "self"
+
 
 def _name_limit() -> int:
-    return _MAX_NAME_LEN if sys.platform == "darwin" else 250
+    return _MAX_NAME_LEN if sys.platform == "darwin" else _LONG_NAME_LEN
 
 
 def _base36(value: int, width: int) -> str:
@@ -175,11 +204,60 @@ def pool_token() -> str:
     return _base36(secrets.randbits(_POOL_TOKEN_BITS), 13)
 
 
-def create_block(prefix: str, size: int) -> SharedMemory:
+def current_pid_namespace() -> int | None:
+    """The PID namespace of this process, where pids in ``/proc`` are this process's pids.
+
+    Linux: the inode number of ``/proc/self/ns/pid`` (namespaces(7): two processes are in the
+    same PID namespace exactly when these inode numbers (and devices) are equal; Docker,
+    Kubernetes and ``unshare --pid`` give each container its own). It is returned only when
+    ``/proc`` shows this namespace, i.e. ``/proc/self`` names :func:`os.getpid`: a ``/proc``
+    mounted from another namespace (``unshare --pid --fork`` without ``--mount-proc``) would
+    make every liveness check by pid wrong.
+
+    Not cached: a process keeps its PID namespace for life, but a fork child of a process
+    that called ``unshare(CLONE_NEWPID)`` is in the new one.
+
+    Returns:
+        int | None: the inode number; None where there are no PID namespaces (macOS,
+        Windows) or they cannot be read (``/proc`` absent, foreign or unreadable).
+    """
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):
+            return None
+        return os.stat("/proc/self/ns/pid").st_ino
+    except (OSError, AttributeError):  # no /proc (macOS), no readlink (old Windows Pythons)
+        return None
+
+
+def owner_prefix(main_pid: int, pid_namespace: int | str | None = _THIS_NAMESPACE) -> str:
+    """The start of every block name of the pools of process ``main_pid``.
+
+    Tests and tools use it to count exactly what one process's pools made (never the whole of
+    ``/dev/shm``, which other programs and other compatmp runs share).
+
+    Args:
+        main_pid (int): the main process's pid, as seen in its PID namespace.
+        pid_namespace (int | str | None): that namespace (:func:`current_pid_namespace`);
+            the default ``"self"`` reads this process's; None for names without one (macOS).
+
+    Returns:
+        str: ``"cmp<pid>n<namespace>_"``, or ``"cmp<pid>_"`` without a namespace.
+    """
+    if pid_namespace == _THIS_NAMESPACE:
+        pid_namespace = current_pid_namespace()
+    if pid_namespace is None:
+        return f"cmp{main_pid}_"
+    return f"cmp{main_pid}n{pid_namespace}_"
+
+
+def create_block(prefix: str, size: int) -> Block | SharedMemory:
     """Create a shared-memory block named ``prefix`` + a fresh random base-36 block token.
 
     The token takes what the name limit leaves (at most 8 characters; at least 5 under
     macOS's 31, which :func:`block_prefix` guarantees); a name already taken draws again.
+    On POSIX the block is a :class:`Block` (mapped, no file descriptor kept open, registered
+    with the resource tracker exactly like ``SharedMemory(create=True)``); on Windows a
+    ``SharedMemory``. Both have ``name``, ``size``, ``buf``, ``close()`` and ``unlink()``.
 
     Args:
         prefix (str): from :func:`block_prefix`.
@@ -192,9 +270,154 @@ def create_block(prefix: str, size: int) -> SharedMemory:
     while True:
         name = prefix + _base36(secrets.randbits(6 * width), width)
         try:
-            return SharedMemory(name=name, create=True, size=size)
+            if os.name == "nt":
+                return SharedMemory(name=name, create=True, size=size)
+            return Block._create(name, size)
         except FileExistsError:  # pragma: no cover - >= 36**5 tokens; draw another
             continue
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks without file descriptors (NOTE [ Shared-memory ownership ], "File descriptors")
+# ---------------------------------------------------------------------------------------------
+
+_libc_mmap: Any = None  # (mmap, munmap) from the C library, loaded on first use
+
+
+def _c_mmap() -> Any:
+    global _libc_mmap
+    if _libc_mmap is None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        c_mmap, c_munmap = libc.mmap, libc.munmap
+        c_mmap.restype = ctypes.c_void_p
+        c_mmap.argtypes = [
+            *(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int),
+            ctypes.c_int64 if ctypes.sizeof(ctypes.c_void_p) == 8 else ctypes.c_long,  # off_t
+        ]
+        c_munmap.restype = ctypes.c_int
+        c_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc_mmap = (c_mmap, c_munmap, ctypes)
+    return _libc_mmap
+
+
+def _map_fd(fd: int, size: int) -> memoryview:
+    """Map ``size`` bytes of ``fd`` read-write and shared; the mapping keeps no descriptor.
+
+    The caller may close ``fd`` at once. The mapping is unmapped when the returned memoryview
+    and everything made from it (NumPy arrays, slices) are garbage - never earlier, so no
+    array can outlive its memory.
+
+    Python's ``mmap.mmap`` keeps a ``dup`` of the descriptor for ``size()``/``resize()``
+    (Modules/mmapmodule.c) unless ``trackfd=False`` (3.13+). Before 3.13 this calls the C
+    library's ``mmap``/``munmap`` through ctypes, and falls back to ``mmap.mmap`` (one
+    descriptor per block) where ctypes is missing.
+    """
+    if sys.version_info >= (3, 13):
+        return memoryview(mmap.mmap(fd, size, trackfd=False))  # type: ignore[call-arg]
+    try:
+        c_mmap, c_munmap, ctypes = _c_mmap()
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes here
+        return memoryview(mmap.mmap(fd, size))
+    addr = c_mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of a {size}-byte shared-memory block: {os.strerror(err)}")
+    memory = (ctypes.c_ubyte * size).from_address(addr)
+    weakref.finalize(memory, c_munmap, addr, size).atexit = False  # the kernel unmaps at exit
+    return memoryview(memory).cast("B")
+
+
+class Block:
+    """A POSIX shared-memory block mapped into this process, holding no file descriptor.
+
+    Made by :func:`create_block` (worker side) or :meth:`attach` (main side). Same interface
+    as :class:`multiprocessing.shared_memory.SharedMemory` (``name``, ``size``, ``buf``,
+    ``close()``, ``unlink()``), but the descriptor from ``shm_open`` is closed as soon as the
+    block is mapped: a process holding thousands of blocks holds no descriptor for them
+    (``SharedMemory`` keeps two per block, its own and ``mmap``'s duplicate, and hits
+    ``ulimit -n``; 256 by default on macOS). Resource tracker: :meth:`_create` registers the
+    name and :meth:`unlink` unregisters it, exactly as ``SharedMemory`` does; :meth:`attach`
+    does not register (the creator already did, see NOTE [ Shared-memory ownership ]).
+
+    Attributes:
+        name (str): the block name, without the leading ``/``.
+        size (int): the block's size in bytes.
+        buf (memoryview | None): the whole block, writable, format ``"B"``; None after
+            :meth:`close`.
+    """
+
+    __slots__ = ("buf", "name", "size")
+
+    def __init__(self, name: str, size: int, buf: memoryview) -> None:
+        self.name = name
+        self.size = size
+        self.buf: memoryview | None = buf
+
+    @classmethod
+    def _create(cls, name: str, size: int) -> Block:
+        import _posixshmem
+        from multiprocessing import resource_tracker
+
+        if size <= 0:
+            raise ValueError(f"a shared-memory block needs size > 0 bytes; got {size}")
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, size)
+            buf = _map_fd(fd, size)
+        except BaseException:
+            _posixshmem.shm_unlink("/" + name)
+            raise
+        finally:
+            os.close(fd)
+        resource_tracker.register("/" + name, "shared_memory")
+        return cls(name, size, buf)
+
+    @classmethod
+    def attach(cls, name: str) -> Block:
+        """Map the existing block ``name`` read-write; the descriptor is closed at once.
+
+        Args:
+            name (str): the block name, without the leading ``/``.
+
+        Raises:
+            FileNotFoundError: no such block.
+            OSError: it cannot be opened or mapped.
+        """
+        import _posixshmem
+
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            size = os.fstat(fd).st_size
+            buf = _map_fd(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, buf)
+
+    def close(self) -> None:
+        """Let go of this handle's mapping; it is unmapped once no array views it. Idempotent.
+
+        Unlike ``SharedMemory.close`` this never raises ``BufferError``: arrays still viewing
+        the block keep the mapping alive by reference.
+        """
+        self.buf = None
+
+    def unlink(self) -> None:
+        """Remove the block's name (``shm_unlink``) and unregister it from the tracker.
+
+        Raises:
+            FileNotFoundError: the name is already gone (nothing is unregistered then, as
+                with ``SharedMemory.unlink``).
+        """
+        import _posixshmem
+        from multiprocessing import resource_tracker
+
+        _posixshmem.shm_unlink("/" + self.name)
+        resource_tracker.unregister("/" + self.name, "shared_memory")
+
+    def __repr__(self) -> str:
+        return f"Block(name={self.name!r}, size={self.size})"
 
 
 @dataclass(frozen=True)
@@ -222,7 +445,9 @@ class ShmArray:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def block_prefix(main_pid: int, pool_token: str) -> str:
+def block_prefix(
+    main_pid: int, pool_token: str, pid_namespace: int | str | None = _THIS_NAMESPACE
+) -> str:
     """The name prefix of every block a pool's workers create.
 
     Args:
@@ -231,22 +456,33 @@ def block_prefix(main_pid: int, pool_token: str) -> str:
             owner is alive.
         pool_token (str): a token unique to the pool, from :func:`pool_token` (13 base-36
             characters), so that two pools never sweep each other's blocks; ``[0-9a-z]``.
+        pid_namespace (int | str | None): the PID namespace ``main_pid`` belongs to
+            (:func:`current_pid_namespace`); the default ``"self"`` reads the calling
+            process's, which must then be the main process. None gives the short form
+            without one (macOS, or where ``/proc`` is unusable): such blocks are never swept
+            by another pool's start-up, because a bare pid proves nothing once ``/dev/shm`` is
+            shared between PID namespaces (``docker --ipc=host``).
 
     Returns:
-        str: e.g. ``"cmp12345_0k2m9x7c1q3ab_"``.
+        str: e.g. ``"cmp12345n4026531836_0k2m9x7c1q3ab_"``, or ``"cmp12345_0k2m9x7c1q3ab_"``
+        without a namespace.
 
     Raises:
-        ValueError: the prefix would leave fewer than 5 characters for block tokens under
-            macOS's 31-character limit on shared-memory names, or the token has characters
-            outside ``[0-9a-z]``.
+        ValueError: the short form would leave fewer than 5 characters for block tokens under
+            macOS's 31-character limit on shared-memory names (on every platform: it is the
+            portable form), or the token has characters outside ``[0-9a-z]``.
     """
-    prefix = f"cmp{main_pid}_{pool_token}_"
     if not re.fullmatch(r"[0-9a-z]+", pool_token):
         raise ValueError(f"pool token must be lowercase letters and digits; got {pool_token!r}")
-    if len(prefix) + _MIN_BLOCK_TOKEN_CHARS > _MAX_NAME_LEN:
+    if pid_namespace == _THIS_NAMESPACE:
+        pid_namespace = current_pid_namespace()
+    prefix = f"{owner_prefix(main_pid, pid_namespace)}{pool_token}_"
+    limit = _MAX_NAME_LEN if pid_namespace is None else _LONG_NAME_LEN
+    if len(prefix) + _MIN_BLOCK_TOKEN_CHARS > limit:
         raise ValueError(
-            f"shared-memory prefix {prefix!r} is too long: names must stay under 31 "
-            f"characters on macOS; use a pool token of at most 13 characters"
+            f"shared-memory prefix {prefix!r} is too long: names must stay under "
+            f"{limit + 1} characters{' on macOS' if limit == _MAX_NAME_LEN else ''}; use a "
+            "pool token of at most 13 characters"
         )
     return prefix
 
@@ -325,11 +561,11 @@ class BlockPool:
         self.prefix = prefix
         self.threshold = threshold
         self.max_free = max_free
-        self.free: collections.deque[SharedMemory] = collections.deque()
-        self.in_use: dict[Any, list[SharedMemory]] = {}
+        self.free: collections.deque[Block | SharedMemory] = collections.deque()
+        self.in_use: dict[Any, list[Block | SharedMemory]] = {}
         self.dropped: list[str] = []  # unlinked since the last take_dropped()
         # compatmp.empty(): data address -> block handed out for the batch being computed
-        self.allocated: dict[int, SharedMemory] = {}
+        self.allocated: dict[int, Block | SharedMemory] = {}
 
     def _wants(self, obj: Any) -> bool:
         return (
@@ -339,7 +575,7 @@ class BlockPool:
             and obj.nbytes >= self.threshold
         )
 
-    def _block(self, size: int) -> SharedMemory:
+    def _block(self, size: int) -> Block | SharedMemory:
         # Smallest free block that fits without wasting more than half of it.
         fits = [b for b in self.free if size <= b.size <= 2 * size]
         if fits:
@@ -404,7 +640,7 @@ class BlockPool:
         free = _shm_free_bytes() if needed > 0 else None
         if free is not None and needed + _SHM_HEADROOM > free:
             return batch  # would not fit: SIGBUS on write. The pipe is slower but safe.
-        taken: list[SharedMemory] = []
+        taken: list[Block | SharedMemory] = []
 
         def leaf(x: Any) -> Any:
             if not self._wants(x):
@@ -466,14 +702,14 @@ class BlockPool:
             unlink_block(shm)
 
 
-def unlink_block(shm: SharedMemory) -> None:
+def unlink_block(shm: Block | SharedMemory) -> None:
     """Close this process's handle on block ``shm`` and remove its name (``shm_unlink``).
 
     Mappings other processes hold stay valid until they drop them. A block already unlinked
     (by a sweep, or a cleanup of ``/dev/shm``) is not an error.
 
     Args:
-        shm (SharedMemory): a block this process created or attached.
+        shm (Block | SharedMemory): a block this process created or attached.
     """
     try:
         shm.close()
@@ -510,7 +746,7 @@ class Attachments:
         # Finalizers run in any thread, and in this one too when a garbage collection runs
         # while it holds the lock (an allocation inside view()): hence re-entrant.
         self._lock = threading.RLock()
-        self._handles: dict[str, SharedMemory] = {}
+        self._handles: dict[str, Block | SharedMemory] = {}
         self._views: collections.Counter[str] = collections.Counter()  # name -> live views
         self._pending: dict[Any, int] = {}  # key -> live views of that batch
         self._dropped: set[str] = set()  # unlinked by their worker: close when unused
@@ -620,9 +856,11 @@ class Attachments:
                 self._close_handle(name)
 
 
-def _attach(desc: ShmArray) -> SharedMemory:
+def _attach(desc: ShmArray) -> Block | SharedMemory:
     try:
-        return SharedMemory(name=desc.name)
+        if os.name == "nt":  # the mapping holds the one handle; nothing to save there
+            return SharedMemory(name=desc.name)
+        return Block.attach(desc.name)
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"shared-memory block {desc.name!r} ({desc.nbytes} bytes, shape {desc.shape}, "
@@ -645,13 +883,44 @@ def names(encoded: Any) -> list[str]:
     return found
 
 
+def _ours(path: str) -> bool:
+    """True if ``path`` is a regular file of this user (never follows a symlink)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def _unlink_name(name: str) -> None:
+    """``shm_unlink`` block ``name`` and leave it unregistered from the resource tracker.
+
+    Registering first makes the unregister balance whether or not this tracker had the name
+    (the tracker keeps a set; unregistering an unknown name prints a ``KeyError`` traceback
+    from the tracker process).
+
+    Raises:
+        OSError: the name could not be removed (``FileNotFoundError`` if already gone).
+    """
+    import _posixshmem
+    from multiprocessing import resource_tracker
+
+    resource_tracker.register("/" + name, "shared_memory")
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    finally:
+        resource_tracker.unregister("/" + name, "shared_memory")
+
+
 def sweep(prefix: str) -> list[str]:
-    """Unlink every block whose name starts with ``prefix`` (left by killed workers).
+    """Unlink every block of this user whose name starts with ``prefix`` (killed workers').
 
     Lists ``/dev/shm`` where it exists (Linux); elsewhere finds nothing, because macOS and
-    Windows cannot list shared-memory blocks. Each block is attached, then unlinked, which
-    also unregisters it from the resource tracker, so it is not reported as leaked at exit.
-    Call only when no worker of the pool is alive.
+    Windows cannot list shared-memory blocks. Only regular files owned by this user are
+    touched: an entry another user (or a directory, a symlink) put there under the pool's
+    prefix is left alone, and nothing about it makes this raise. Each block removed is also
+    unregistered from the resource tracker, so it is not reported as leaked at exit. Call only
+    when no worker of the pool is alive.
 
     Args:
         prefix (str): from :func:`block_prefix`; must be non-empty.
@@ -670,11 +939,12 @@ def sweep(prefix: str) -> list[str]:
         return []
     done = []
     for name in sorted(e for e in entries if e.startswith(prefix)):
-        try:
-            shm = SharedMemory(name=name)
-        except FileNotFoundError:
+        if not _ours(os.path.join(_SHM_DIR, name)):
             continue
-        unlink_block(shm)
+        try:
+            _unlink_name(name)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
         done.append(name)
     return done
 
@@ -695,39 +965,54 @@ def _owner_alive(pid: int, block_mtime: float) -> bool:
 
 
 def sweep_dead_owners() -> list[str]:
-    """Unlink compatmp blocks whose owning main process is gone (NOTE rule 5).
+    """Unlink compatmp blocks whose owning main process is provably gone (NOTE rule 5).
 
-    A block's owner is the pid in its name (:func:`block_prefix`). It counts as gone when no
+    Only blocks that are provably this user's and of this PID namespace are candidates: the
+    name carries the owner's pid *and* PID namespace (:func:`block_prefix`), the namespace
+    must be this process's (pids of another namespace say nothing here: with ``/dev/shm``
+    shared between containers, ``docker --ipc=host``, the same pid is another process or
+    none), the entry must be a regular file (``lstat``, no symlink followed) and belong to
+    this user (``st_uid``; as root too). Names without a namespace (macOS's short form, or
+    older compatmp versions) are never touched. A candidate's owner counts as gone when no
     such process runs, when it is a zombie, or when the process with that pid started more
     than a second after the block was last changed (its ``st_mtime``): the pid was recycled.
-    Blocks of live owners (this process included) are never touched. Lists ``/dev/shm`` where it
-    exists (Linux); elsewhere finds nothing (macOS and Windows cannot list shared memory, see
-    docs/architecture.md). Blocks are removed with ``os.unlink`` on their ``/dev/shm`` file,
-    which is what ``shm_unlink`` does there, without attaching (the dead owner's resource
-    tracker died with it: there is nothing to unregister). Blocks of other users are skipped.
+    Blocks of live owners (this process included) are never touched.
+
+    Lists ``/dev/shm`` where it exists (Linux); elsewhere finds nothing (macOS and Windows
+    cannot list shared memory, see docs/architecture.md), and where this process's PID
+    namespace cannot be read or ``/proc`` is another namespace's (:func:`current_pid_namespace`)
+    it sweeps nothing. Blocks are removed with ``os.unlink`` on their ``/dev/shm`` file, which
+    is what ``shm_unlink`` does there, without attaching (the dead owner's resource tracker
+    died with it: there is nothing to unregister).
 
     Returns:
         list[str]: names of the blocks unlinked.
     """
+    namespace = current_pid_namespace()
+    if namespace is None:
+        return []
     try:
         entries = os.listdir(_SHM_DIR)
     except OSError:
         return []
+    uid = os.geteuid()
     verdict: dict[tuple[int, int], bool] = {}
     done = []
     for name in sorted(entries):
         m = _NAME_RE.match(name)
-        if m is None:
+        if m is None or int(m.group(2)) != namespace:
             continue
         path = os.path.join(_SHM_DIR, name)
         try:
-            mtime = os.stat(path).st_mtime
+            st = os.lstat(path)
         except OSError:
             continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            continue
         pid = int(m.group(1))
-        key = (pid, int(mtime))
+        key = (pid, int(st.st_mtime))
         if key not in verdict:
-            verdict[key] = _owner_alive(pid, mtime)
+            verdict[key] = _owner_alive(pid, st.st_mtime)
         if verdict[key]:
             continue
         try:

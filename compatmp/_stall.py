@@ -12,13 +12,18 @@ NOTE [ Stall reports ]
 How the main process gets a stuck worker's stack:
 
 - Worker processes (POSIX): the worker registers ``faulthandler.register(SIGUSR1, file=...,
-  all_threads=True)`` on a file the main process created (:class:`StackFile`, a temporary file
-  the main unlinks once the worker has opened it, so nothing is left on disk). The main sends
-  SIGUSR1 and reads what was appended. faulthandler writes from the C signal handler, without
-  the GIL, so the dump works even while the worker is blocked in C code holding the GIL
-  (CPython docs, ``faulthandler``: "dump the traceback ... on a user signal"). A worker is
-  only signalled once it reported ready (handler installed): SIGUSR1's default action would
-  kill a worker still starting.
+  all_threads=True)`` on a file the main process created (:class:`StackFile`). The main sends
+  SIGUSR1 and reads what was appended. The file never outlives the main process, however it
+  ends (SIGKILL before the first batch included): on Linux it has no name at all
+  (``tempfile.TemporaryFile``: ``O_TMPFILE``, or unlinked at once), and each worker opens the
+  main's descriptor through ``/proc/<main pid>/fd/<fd>`` (proc(5): opening that link opens the
+  file itself, unlinked or not); where there is no such ``/proc`` (macOS), it is a named
+  temporary file that the worker unlinks as soon as it has opened it and the main unlinks when
+  the worker reports ready, so only a main killed while a worker is still starting leaves it.
+  faulthandler writes from the C signal handler, without the GIL, so the dump works even
+  while the worker is blocked in C code holding the GIL (CPython docs, ``faulthandler``:
+  "dump the traceback ... on a user signal"). A worker is only signalled once it reported
+  ready (handler installed): SIGUSR1's default action would kill a worker still starting.
 - Worker threads: ``sys._current_frames()[thread.ident]``, formatted with ``traceback``.
 - Windows has neither SIGUSR1 nor ``faulthandler.register``: the report names pid and index
   and says that the stack is not available there.
@@ -68,17 +73,39 @@ def supported() -> bool:
     return _STACK_SIGNAL is not None and hasattr(faulthandler, "register")
 
 
+def _proc_fd_dir() -> str | None:
+    """``/proc/<pid>/fd`` of this process if workers can reopen its descriptors there."""
+    try:
+        if os.readlink("/proc/self") != str(os.getpid()):  # /proc of another PID namespace
+            return None
+    except (OSError, AttributeError):
+        return None
+    path = f"/proc/{os.getpid()}/fd"
+    return path if os.path.isdir(path) else None
+
+
 class StackFile:
     """Main side: a temporary file one worker process dumps its stacks into.
 
+    Linux: an unnamed file (``tempfile.TemporaryFile``), reached by the worker through
+    ``/proc/<main pid>/fd/<fd>``, so nothing is ever left on disk, even when the main process
+    is killed. Elsewhere (macOS): ``tempfile.mkstemp``, unlinked by the worker once opened and
+    by :meth:`unlink`. NOTE [ Stall reports ].
+
     Attributes:
-        path (str): where the worker opens it; unlinked by :meth:`unlink` once it has.
+        path (str): what the worker opens (:func:`install_in_worker`).
     """
 
     def __init__(self) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="compatmp-stack-", suffix=".txt")
-        self._file = os.fdopen(fd, "rb")
-        self._unlinked = False
+        fd_dir = _proc_fd_dir()
+        if fd_dir is not None:
+            self._file = tempfile.TemporaryFile("rb", prefix="compatmp-stack-")
+            self.path = f"{fd_dir}/{self._file.fileno()}"
+            self._unlinked = True  # it never had a name (or lost it at once)
+        else:
+            fd, self.path = tempfile.mkstemp(prefix="compatmp-stack-", suffix=".txt")
+            self._file = os.fdopen(fd, "rb")
+            self._unlinked = False
 
     def unlink(self) -> None:
         """Remove the file's name (the worker has it open); idempotent."""
@@ -102,13 +129,28 @@ class StackFile:
 def install_in_worker(path: str) -> None:
     """In a worker process: dump every thread's stack to ``path`` on SIGUSR1.
 
+    A named file (not under ``/proc``) is unlinked once open: only this worker's descriptor
+    needs it. If it cannot be opened (the main process closed the pool meanwhile, ``/proc``
+    refused), the worker runs without stack dumps and ignores SIGUSR1; stall reports then say
+    no stack arrived. Call from the worker's main thread (signal handlers live there).
+
     Args:
         path (str): the :attr:`StackFile.path` the main process created.
     """
     global _worker_file
     if not supported():
         return
-    _worker_file = open(path, "ab", buffering=0)
+    try:
+        _worker_file = open(path, "ab", buffering=0)
+    except OSError:
+        # No dumps, and the main's SIGUSR1 must not kill us (its default action terminates).
+        signal.signal(_STACK_SIGNAL, signal.SIG_IGN)
+        return
+    if not path.startswith("/proc/"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     faulthandler.register(_STACK_SIGNAL, file=_worker_file, all_threads=True, chain=False)
 
 

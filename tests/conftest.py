@@ -3,7 +3,9 @@
 ``no_leaked_workers``: for tests that start compatmp workers; after the test, checks that no
 worker process (multiprocessing's forkserver and resource tracker excepted), no worker
 thread and no shared-memory block of this process is left. Use it with
-``pytestmark = pytest.mark.usefixtures("no_leaked_workers")``.
+``pytestmark = pytest.mark.usefixtures("no_leaked_workers")``. It counts only what this
+process made (its own descendants, its own pid-and-namespace block prefix), never the whole
+of ``/dev/shm`` or the machine's processes: another compatmp run may share both.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from compatmp import _shm
 from compatmp._platform import available_methods
 from compatmp._worker import get_worker_info
 from compatmp.bench.runner import _is_helper
@@ -27,13 +28,18 @@ from compatmp.bench.runner import _is_helper
 PROCESS_METHODS = available_methods()
 ALL_METHODS = [*PROCESS_METHODS, "thread"]
 
-# Block-name prefix of every shared-memory block created for a pool of this process.
+# Where Linux lists shared-memory blocks as files.
 SHM_DIR = "/dev/shm"
 
 
 def shm_entries(pid: int | None = None) -> list[str]:
-    """Shared-memory blocks in ``/dev/shm`` made for pools of process ``pid`` (default: us)."""
-    prefix = f"cmp{os.getpid() if pid is None else pid}_"
+    """Shared-memory blocks in ``/dev/shm`` made for pools of process ``pid`` (default: us).
+
+    Only names that start with that process's own prefix (its pid *and* PID namespace,
+    ``_shm.owner_prefix``): other compatmp runs on the machine share ``/dev/shm``, and their
+    blocks are not ours to count (``pid`` must be in this process's PID namespace).
+    """
+    prefix = _shm.owner_prefix(os.getpid() if pid is None else pid)
     try:
         return sorted(e for e in os.listdir(SHM_DIR) if e.startswith(prefix))
     except OSError:

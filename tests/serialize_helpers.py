@@ -6,8 +6,11 @@ They live at module level so that spawn/forkserver children can import them by r
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import queue
+import subprocess
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
@@ -115,10 +118,65 @@ def describe_plain_pickle(blob: bytes) -> dict:
 
 
 def call_in_child(method: str, func, *args):
-    """Run ``func(*args)`` in one fresh worker process started with ``method``."""
+    """Run ``func(*args)`` in one fresh worker process started with ``method``.
+
+    ``func`` and ``args`` must pickle by plain pickle (module-level functions); the result, or
+    the exception ``func`` raised, comes back. Under ``fork`` the worker is forked from a fresh
+    single-threaded interpreter (:data:`_FORK_PARENT`), not from pytest's own process: by the
+    time the whole suite reaches these tests, pytest's process has run TensorFlow, JAX, torch
+    and Ray (33 native threads measured) and is gigabytes large, and a fork of it is what these
+    tests would then measure (POSIX fork(2): after fork in a multithreaded process the child
+    may only rely on async-signal-safe calls; JAX warns "os.fork() is incompatible with
+    multithreaded code"; the child also inherits pytest's whole RSS, which makes it the
+    OOM killer's first choice on a loaded machine). The ``BrokenProcessPool`` once seen beside
+    another test run (issue 17.6: the child died before answering) was most likely one of
+    those: the serializer runs only after the child has started, and raises, not dies. It did
+    not recur here in 400 forks of a process with TensorFlow, JAX, torch and Ray loaded, nor
+    in two concurrent runs of test_pool, test_ray and test_serialize.
+    """
+    if method != "fork":
+        return _call_here(method, func, *args)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_PARENT],
+        input=pickle.dumps((func, args)),
+        capture_output=True,
+        timeout=CHILD_TIMEOUT + 30,
+        env=env,
+    )
+    _, marker, result = proc.stdout.partition(_RESULT_MARKER)
+    if proc.returncode != 0 or not marker:
+        raise RuntimeError(
+            f"the fork parent failed (exit {proc.returncode}):\n{proc.stderr.decode()[-3000:]}"
+        )
+    ok, value = pickle.loads(result)
+    if ok:
+        return value
+    raise value
+
+
+def _call_here(method: str, func, *args):
+    """Run ``func(*args)`` in one worker process this process starts with ``method``."""
     ctx = multiprocessing.get_context(method)
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
         return ex.submit(func, *args).result(timeout=CHILD_TIMEOUT)
+
+
+_RESULT_MARKER = b"\0serialize_helpers result\0"
+
+# The fresh interpreter that forks the worker for call_in_child("fork", ...): it imports only
+# this module (and what unpickling ``func`` imports), so it has one thread when it forks.
+_FORK_PARENT = f"""
+import pickle, sys
+import serialize_helpers as h
+func, args = pickle.load(sys.stdin.buffer)
+try:
+    out = (True, h._call_here("fork", func, *args))
+except BaseException as exc:
+    out = (False, exc)
+sys.stdout.flush()
+sys.stdout.buffer.write({_RESULT_MARKER!r} + pickle.dumps(out))
+"""
 
 
 def roundtrip_value(blob: bytes):
@@ -129,3 +187,13 @@ def roundtrip_value(blob: bytes):
 def send_item(blob: bytes, index: int, conn) -> None:
     """Process target: unpickle a dataset and send ``dataset[index]`` back over ``conn``."""
     conn.send(loads(blob)[index])
+
+
+def parent_pid() -> int:
+    """Child-process probe: the pid of the process that started this one."""
+    return os.getppid()
+
+
+def fail_with(message: str) -> None:
+    """Child-process probe: raise ``ValueError(message)``."""
+    raise ValueError(message)

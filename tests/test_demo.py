@@ -207,3 +207,88 @@ def test_demo_end_to_end_with_default_arguments(cache_dir):
     assert proc.returncode == 0, out + proc.stderr  # 0 means test accuracy >= 0.9
     assert "worker process(es) started with spawn" in out
     assert "test accuracy: " in out and "images/second: " in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 17.5: a private per-user cache, and nothing reused that this user did not make
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_cache_dir_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMPATMP_DEMO_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert _demo.default_cache_dir() == tmp_path / "xdg" / "compatmp" / "demo"
+        monkeypatch.delenv("XDG_CACHE_HOME")
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert _demo.default_cache_dir() == tmp_path / ".cache" / "compatmp" / "demo"
+        monkeypatch.setenv("HOME", str(tmp_path / "missing"))  # e.g. nobody's /nonexistent
+        fallback = _demo.default_cache_dir()
+        assert fallback.name == f"compatmp-demo-{os.geteuid()}"
+    monkeypatch.setenv("COMPATMP_DEMO_CACHE", str(tmp_path / "mine"))
+    assert _demo.default_cache_dir() == tmp_path / "mine"
+    assert "compatmp-demo" != _demo.default_cache_dir().name  # never the old shared name
+
+
+@pytest.mark.skipif(os.name != "posix", reason="modes and owners: POSIX")
+def test_default_cache_dir_is_created_private(monkeypatch, tmp_path, cache_dir):
+    monkeypatch.delenv("COMPATMP_DEMO_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "private"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    root = _demo.default_cache_dir()
+    assert str(root).startswith(str(tmp_path))
+    old_umask = os.umask(0o022)  # the usual default: new folders would be 0755
+    try:
+        paths, labels = _demo.prepare_images()
+    finally:
+        os.umask(old_umask)
+    assert len(paths) == 1797 and labels.tolist() == _demo.prepare_images(cache_dir)[1].tolist()
+    assert (os.stat(root).st_mode & 0o777) == 0o700
+    assert (os.stat(root / f"digits-{SIZE}px").st_mode & 0o077) == 0
+
+
+def _copy_set(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src / f"digits-{SIZE}px", dst / f"digits-{SIZE}px")
+    os.chmod(dst / f"digits-{SIZE}px", 0o700)
+    return dst / f"digits-{SIZE}px"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="modes and owners: POSIX")
+def test_a_set_others_can_write_or_own_is_refused(tmp_path, cache_dir):
+    _demo.prepare_images(cache_dir)
+    target = _copy_set(cache_dir, tmp_path)
+    os.chmod(target, 0o777)  # e.g. made in /tmp by someone else, or by a careless umask
+    with pytest.raises(PermissionError, match="writable by other users"):
+        _demo.prepare_images(tmp_path)
+    os.chmod(target, 0o700)
+    assert len(_demo.prepare_images(tmp_path)[0]) == 1797
+    if os.geteuid() == 0:
+        os.chown(target, 65534, 65534)  # nobody's
+        with pytest.raises(PermissionError, match="belongs to uid 65534"):
+            _demo.prepare_images(tmp_path)
+        os.chown(target, 0, 0)
+    link_root = tmp_path / "via-link"
+    link_root.mkdir()
+    os.symlink(target, link_root / f"digits-{SIZE}px")
+    with pytest.raises(PermissionError, match="symbolic link"):
+        _demo.prepare_images(link_root)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks and owners: POSIX")
+def test_a_damaged_or_planted_set_of_ours_is_rebuilt(tmp_path, cache_dir):
+    paths, labels = _demo.prepare_images(cache_dir)
+    target = _copy_set(cache_dir, tmp_path)
+    planted = tmp_path / "elsewhere.png"
+    planted.write_bytes(b"not a png")
+    os.unlink(target / "0007.png")
+    os.symlink(planted, target / "0007.png")  # a file we did not write
+    again, again_labels = _demo.prepare_images(tmp_path)
+    assert not os.path.islink(again[7])
+    with Image.open(again[7]) as img, Image.open(paths[7]) as ref:
+        assert np.array_equal(np.asarray(img), np.asarray(ref))
+    assert again_labels.tolist() == labels.tolist()
+    (target / "labels.csv").write_text("0000.png,1\n", encoding="ascii")  # truncated manifest
+    assert _demo.prepare_images(tmp_path)[1].tolist() == labels.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"digits-{SIZE}px", "elsewhere.png"]

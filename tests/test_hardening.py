@@ -27,6 +27,7 @@ import compatmp
 from compatmp import _shm
 from compatmp._pool import OrderedPool
 from compatmp._seeds import batch_seed_sequence
+from compatmp._stall import supported as _stall_supported
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
 
@@ -162,13 +163,14 @@ import sys, time
 sys.path[:0] = [{tests!r}, {root!r}]
 from hardening_helpers import BigBatches
 from compatmp._pool import OrderedPool
+from pool_datasets import shm_entries
 
 held = []
 for _ in range(3):
     pool = OrderedPool(BigBatches(), workers=2, start_method={method!r})
     it = pool.imap(range(1000))
     held.append((pool, it, [next(it) for _ in range(4)]))
-print("holding", flush=True)
+print("holding", *shm_entries(), flush=True)
 time.sleep(600)
 """
 
@@ -186,7 +188,8 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
         start_new_session=True,  # its own process group, as under `timeout -s KILL`
     )
     try:
-        assert proc.stdout.readline().strip() == "holding"
+        holding, *blocks = proc.stdout.readline().split()
+        assert holding == "holding"
         group = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -194,39 +197,167 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
     deadline = time.monotonic() + 30
     while any(pid_alive(p) for p in group) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(shm_entries(proc.pid)) >= 3  # 3 pools held batches; nobody cleaned up
+    # The blocks of the 3 pools, listed while their owner lived (nobody sweeps a live owner's
+    # blocks). Counted by name, not after the kill: any compatmp pool starting on this machine
+    # from now on - another test run's too - may sweep them first, which is the point.
+    assert len(blocks) >= 3 and all(b.startswith(_shm.owner_prefix(proc.pid)) for b in blocks)
     with OrderedPool(BigBatches(), workers=1, start_method=method) as pool:
         assert next(pool.imap([0]))[0][0, 0] == 0
+    assert not set(blocks) & set(os.listdir("/dev/shm"))
     assert shm_entries(proc.pid) == []
 
 
-def _fake_block(owner: int, mtime: float) -> str:
-    name = _shm.block_prefix(owner, _shm.pool_token()) + "zzzzz"
-    path = os.path.join("/dev/shm", name)
+@pytest.fixture
+def private_shm_dir(tmp_path, monkeypatch):
+    """``_shm``'s view of ``/dev/shm``, redirected to a folder only this test sees.
+
+    The sweep unit tests plant blocks of dead owners; in the real ``/dev/shm`` any compatmp
+    pool starting meanwhile on this machine (another test run's too) could sweep them first.
+    """
+    if _shm.current_pid_namespace() is None:
+        pytest.skip("needs Linux PID namespaces (/proc/self/ns/pid)")
+    monkeypatch.setattr(_shm, "_SHM_DIR", str(tmp_path))
+    return tmp_path
+
+
+def _fake_block(folder, owner: int, mtime: float, namespace: int | str | None = "self") -> str:
+    name = _shm.block_prefix(owner, _shm.pool_token(), namespace) + "zzzzz"
+    path = os.path.join(folder, name)
     with open(path, "wb") as f:
         f.write(b"x")
     os.utime(path, (mtime, mtime))
     return name
 
 
-@needs_dev_shm
-def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids():
-    parent = psutil.Process(os.getppid())
-    started = parent.create_time()
+def _dead_pid() -> int:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(30)
-    live = _fake_block(parent.pid, time.time())
-    recycled = _fake_block(parent.pid, started - 3600)  # made before that process existed
-    gone = _fake_block(dead.pid, time.time())
+    return dead.pid
+
+
+def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids(private_shm_dir):
+    parent = psutil.Process(os.getppid())
+    started = parent.create_time()
+    dead = _dead_pid()
+    live = _fake_block(private_shm_dir, parent.pid, time.time())
+    recycled = _fake_block(private_shm_dir, parent.pid, started - 3600)  # before it existed
+    gone = _fake_block(private_shm_dir, dead, time.time())
+    swept = _shm.sweep_dead_owners()
+    assert sorted(swept) == sorted([recycled, gone])
+    assert os.listdir(private_shm_dir) == [live]
+
+
+needs_root = pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root"
+)
+
+
+@needs_root
+def test_sweep_touches_nothing_of_another_user_namespace_or_file_type(private_shm_dir):
+    # Issue 17.3: "owner dead" was decided from the pid alone. Every entry below names a dead
+    # pid; only the first is provably ours (this namespace, this user, a regular file).
+    folder = private_shm_dir
+    ns = _shm.current_pid_namespace()
+    dead = _dead_pid()
+    ours = _fake_block(folder, dead, time.time())
+    other_ns = _fake_block(folder, dead, time.time(), namespace=ns + 1)  # pids there: not ours
+    short = _fake_block(folder, dead, time.time(), namespace=None)  # no namespace: proves nothing
+    other_user = _fake_block(folder, dead, time.time())
+    os.chown(folder / other_user, 65534, 65534)  # nobody's
+    target = _fake_block(folder, os.getpid(), time.time())  # live owner: a symlink must not reach
+    link = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    os.symlink(folder / target, folder / link)
+    subdir = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    os.mkdir(folder / subdir)
+    swept = _shm.sweep_dead_owners()
+    assert swept == [ours]
+    assert sorted(os.listdir(folder)) == sorted([other_ns, short, other_user, target, link, subdir])
+
+
+@needs_dev_shm
+@needs_root
+@pytest.mark.timeout(60)
+def test_close_ignores_foreign_entries_under_the_pool_prefix():
+    # Issue 17.5: close() raised OSError when another user had put an entry with the pool's
+    # prefix in /dev/shm. It must leave such entries alone and still remove its own blocks.
+    pool = OrderedPool(BigBatches(), workers=1, start_method=PROCESS_METHODS[0])
+    prefix = pool._core.shm_prefix
+    foreign = os.path.join("/dev/shm", prefix + "zzzzz")
+    folder = os.path.join("/dev/shm", prefix + "yyyyy")
     try:
-        swept = _shm.sweep_dead_owners()
-        assert recycled in swept and gone in swept
-        assert live not in swept
-        assert os.path.exists(os.path.join("/dev/shm", live))
+        assert next(pool.imap([3]))[0][0, 0] == 3
+        with open(foreign, "wb") as f:
+            f.write(b"x")
+        os.chown(foreign, 65534, 65534)
+        os.mkdir(folder)
+        pool.close()  # must not raise
+        assert sorted(e for e in os.listdir("/dev/shm") if e.startswith(prefix)) == sorted(
+            [os.path.basename(foreign), os.path.basename(folder)]
+        )
     finally:
-        for name in (live, recycled, gone):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join("/dev/shm", name))
+        pool.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(foreign)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(folder)
+
+
+def _unshare_works() -> bool:
+    if sys.platform != "linux" or not os.path.exists("/usr/bin/unshare"):
+        return False
+    try:
+        return (
+            subprocess.run(
+                ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+_NAMESPACE_SCRIPT = """
+import os, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp import _shm
+from compatmp._pool import OrderedPool
+print("namespace", _shm.current_pid_namespace(), "pid", os.getpid(), flush=True)
+print("swept", *_shm.sweep_dead_owners(), flush=True)
+with OrderedPool(BigBatches(), workers=1, start_method="fork") as pool:  # sweeps again
+    print("batch", int(next(pool.imap([5]))[0][0, 0]), flush=True)
+"""
+
+
+@needs_dev_shm
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare --pid --fork --mount-proc`")
+def test_a_pool_in_another_pid_namespace_leaves_our_live_blocks_alone():
+    # Issue 17.3: /dev/shm shared between PID namespaces (docker --ipc=host). Our pid does not
+    # exist in a fresh namespace, so a pool there judged our live blocks dead and removed them.
+    with OrderedPool(BigBatches(), workers=1, start_method=PROCESS_METHODS[0]) as pool:
+        it = pool.imap(range(10))
+        held = [next(it) for _ in range(3)]
+        ours = shm_entries()
+        assert ours
+        script = _NAMESPACE_SCRIPT.format(tests=TESTS_DIR, root=ROOT)
+        proc = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+        lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
+        namespace, _, pid = lines["namespace"]
+        assert int(namespace) != _shm.current_pid_namespace() and pid == "1"
+        assert not set(lines["swept"]) & set(ours)
+        assert lines["batch"] == ["5"]
+        assert set(ours) <= set(os.listdir("/dev/shm"))
+        assert [int(x[0][0, 0]) for x in held] == [0, 1, 2]
+        assert [int(next(it)[0][0, 0]) for _ in range(3)] == [3, 4, 5]  # blocks still there
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +382,56 @@ def test_stall_warning_names_pid_index_and_the_stuck_frame(method, caplog):
         assert f"pid {os.getpid()}" in text
     else:
         assert any(f"(pid {pid})" in text for pid in pids)
+
+
+_STARTING_SCRIPT = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from hardening_helpers import BigBatches
+from compatmp._pool import OrderedPool
+
+
+def slow_start(worker_id):  # the workers never report ready: no batch ever arrives
+    os.write(1, b"worker %d\\n" % os.getpid())  # one write: two workers' lines never mix
+    time.sleep(600)
+
+
+pool = OrderedPool(BigBatches(), workers=2, start_method={method!r}, worker_init_fn=slow_start)
+print("started", flush=True)
+time.sleep(600)
+"""
+
+
+def _stack_files(folder) -> list[str]:
+    # Only ours: multiprocessing's forkserver keeps its socket in a pymp-* folder there too.
+    return [p.name for p in folder.iterdir() if p.name.startswith("compatmp-stack-")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="unnamed stack files need /proc/<pid>/fd")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_no_stack_file_survives_a_main_killed_before_its_first_batch(method, tmp_path):
+    # Issue 17.5: the main unlinked a worker's stack file only when the worker reported ready,
+    # so a main SIGKILLed before that left /tmp/compatmp-stack-* for good.
+    script = _STARTING_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # tempfile.gettempdir() of that run
+        start_new_session=True,
+    )
+    try:
+        lines = [proc.stdout.readline().split() for _ in range(3)]
+        assert sorted(line[0] for line in lines) == ["started", "worker", "worker"], lines
+        # The workers run their init function, so they have opened their stack files.
+        assert _stack_files(tmp_path) == []
+        os.kill(proc.pid, signal.SIGKILL)  # the main alone; its workers notice and exit
+        proc.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _stack_files(tmp_path) == []
 
 
 @pytest.mark.timeout(60)
@@ -342,3 +523,24 @@ def test_fit_stall_report_shows_the_stuck_frame(caplog):
     assert stalls and "stuck_here" in stalls[0], caplog.text
     with pytest.raises(TypeError, match="stall_timeout"):
         compatmp.fit(hh.tiny_model(), StuckBatches(2, 9, 0), workers=1, stall_timeout="1")
+
+
+_NO_STACK_FILE_SCRIPT = """
+import os, signal, sys, time
+sys.path[:0] = [{root!r}]
+from compatmp import _stall
+_stall.install_in_worker("/proc/%d/fd/999999" % os.getppid())  # cannot be opened
+os.kill(os.getpid(), signal.SIGUSR1)  # what the main sends for a stall report
+time.sleep(0.2)
+print("alive", flush=True)
+"""
+
+
+@pytest.mark.skipif(not _stall_supported(), reason="stack dumps need SIGUSR1 and faulthandler")
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_open_its_stack_file_survives_stall_signals():
+    script = _NO_STACK_FILE_SCRIPT.format(root=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0 and proc.stdout == "alive\n", proc.stderr

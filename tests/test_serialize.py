@@ -81,6 +81,17 @@ def test_roundtrip_in_child_rebuilds_everything_unlocked(method, data_file):
     assert h.call_in_child(method, h.describe_bytes, blob) == expected_for(data_file)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif("fork" not in METHODS, reason="needs the fork start method")
+def test_fork_children_come_from_a_fresh_single_threaded_parent():
+    # call_in_child("fork") must not fork pytest's own, many-threaded process (see its
+    # docstring: BrokenProcessPool beside another test run); errors still come back typed.
+    assert h.call_in_child("fork", h.parent_pid) != os.getpid()
+    assert h.call_in_child("spawn", h.parent_pid) == os.getpid()  # the others: from here
+    with pytest.raises(ValueError, match="from the child"):
+        h.call_in_child("fork", h.fail_with, "from the child")
+
+
 def test_roundtrip_in_process_matches_child(data_file):
     holder = h.Holder(data_file)
     holder.hold_everything()

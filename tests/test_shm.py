@@ -210,12 +210,35 @@ def test_sweep_finds_only_its_prefix(prefix):
 def test_block_names_fit_macos_limit():
     token = _shm.pool_token()
     assert len(token) == 13 and token.isalnum() and token == token.lower()  # 64 bits, base 36
-    prefix = _shm.block_prefix(9_999_999, token)
+    # The short form (no PID namespace: macOS) fits macOS's 31 characters, on every platform.
+    prefix = _shm.block_prefix(9_999_999, token, pid_namespace=None)
+    assert prefix == f"cmp9999999_{token}_"
     assert len("/" + prefix) + _shm._MIN_BLOCK_TOKEN_CHARS <= 31
     with pytest.raises(ValueError, match="31 characters"):
-        _shm.block_prefix(9_999_999, token + "x")
+        _shm.block_prefix(9_999_999, token + "x", pid_namespace=None)
     with pytest.raises(ValueError, match="lowercase letters and digits"):
         _shm.block_prefix(1, "ab_c")
+    # With a namespace (Linux: up to 10 digits) the name stays far below NAME_MAX (255).
+    long_prefix = _shm.block_prefix(9_999_999, token, pid_namespace=4_294_967_295)
+    assert long_prefix == f"cmp9999999n4294967295_{token}_"
+    assert _shm._NAME_RE.match(long_prefix + "a" * _shm._MAX_BLOCK_TOKEN_CHARS)
+    assert not _shm._NAME_RE.match(prefix + "a" * _shm._MAX_BLOCK_TOKEN_CHARS)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PID namespaces are Linux's")
+def test_names_carry_this_process_pid_namespace():
+    ns = os.stat("/proc/self/ns/pid").st_ino
+    assert _shm.current_pid_namespace() == ns
+    assert _shm.block_prefix(os.getpid(), "t001") == f"cmp{os.getpid()}n{ns}_t001_"
+    assert _shm.owner_prefix(os.getpid()) == f"cmp{os.getpid()}n{ns}_"
+
+
+def test_no_namespace_where_proc_is_another_namespace(monkeypatch):
+    # `unshare --pid --fork` without --mount-proc: /proc/self names another pid than ours.
+    monkeypatch.setattr(os, "readlink", lambda path: "1" if path == "/proc/self" else "")
+    assert _shm.current_pid_namespace() is None
+    assert _shm.block_prefix(1234, "t001") == "cmp1234_t001_"
+    assert _shm.sweep_dead_owners() == []  # pids there prove nothing: sweep nothing
 
 
 @pytest.mark.timeout(60)
@@ -305,7 +328,9 @@ pool = OrderedPool(BigArrayDataset(20, (512, 512)), workers=2, start_method={met
 it = pool.imap(range(20))
 next(it)
 del it, pool
-print("left:", sorted(e for e in os.listdir("/dev/shm") if e.startswith("cmp%d_" % os.getpid())))
+from compatmp import _shm
+mine = _shm.owner_prefix(os.getpid())
+print("left:", sorted(e for e in os.listdir("/dev/shm") if e.startswith(mine)))
 """
 
 
@@ -325,3 +350,62 @@ def test_no_leak_and_no_resource_tracker_warning_at_exit(method):
     assert "left: []" in proc.stdout
     assert "resource_tracker" not in proc.stderr, proc.stderr
     assert "leaked" not in proc.stderr, proc.stderr
+
+
+_FD_SCRIPT = """
+import os, resource, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # macOS' default; workers inherit it
+import psutil
+from pool_datasets import BigArrayDataset
+from compatmp._pool import OrderedPool
+
+held = []
+with OrderedPool(BigArrayDataset(400, (75_000,)), workers=2, start_method={method!r}) as pool:
+    for b in pool.imap(range(400)):  # 300 KB each: zero-copy views of the workers' blocks
+        held.append(b)
+    print("blocks attached:", len(pool._core.attachments), flush=True)
+    print("fds:", psutil.Process().num_fds(), flush=True)
+print("held:", len(held), all(b[0] == i and b[-1] == i for i, b in enumerate(held)), flush=True)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_NOFILE and file descriptors: POSIX")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_held_batches_hold_no_file_descriptors(method):
+    # Issue 17.4: SharedMemory kept two descriptors per attached block, so 300 KB batches ran
+    # out of descriptors after 121 under `ulimit -n 256` (EMFILE, and the pool shut down).
+    script = _FD_SCRIPT.format(tests=TESTS_DIR, root=ROOT, method=method)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=100
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert int(lines["blocks attached"]) >= 400  # every batch is its own block, still mapped
+    assert int(lines["fds"]) < 100  # none per block (the limit is 256)
+    assert lines["held"] == "400 True"
+
+
+def test_block_keeps_no_descriptor_and_lives_while_viewed(prefix):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to count descriptors")
+    _shm.ensure_tracker()  # its pipe is one descriptor, opened once per process
+    before = len(os.listdir("/proc/self/fd"))
+    block = _shm.create_block(prefix, 1_000_000)
+    other = _shm.Block.attach(block.name)  # the main side's handle
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert other.size >= 1_000_000 and other.name == block.name
+    arr = np.ndarray((1000,), np.float64, buffer=other.buf)
+    np.ndarray((1000,), np.float64, buffer=block.buf)[:] = 7.0  # one memory, two mappings
+    assert arr.sum() == 7000.0
+    other.close()  # the handle goes; the array keeps the mapping (no BufferError)
+    block.close()
+    block.unlink()
+    assert shm_entries() == [] and _mapped_blocks(prefix) == 1
+    assert arr.sum() == 7000.0
+    del arr
+    assert _mapped_blocks(prefix) == 0  # unmapped with its last array
+    with pytest.raises(FileNotFoundError):
+        _shm.Block.attach(block.name)
