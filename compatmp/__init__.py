@@ -19,6 +19,7 @@ from ._exceptions import (
     SerializationError,
     StartMethodError,
     ThreadFallbackWarning,
+    UnsupportedInputError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "StartMethodError",
     "ThreadFallbackWarning",
     "Unpicklable",
+    "UnsupportedInputError",
     "WorkerCrashedError",
     "WorkerInfo",
     "WorkerTimeoutError",
