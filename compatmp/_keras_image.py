@@ -22,7 +22,7 @@ running on threads (the fallback when pickling fails), so the rule is limited to
 source shows the generator is unused by ``__getitem__``.
 
 Batches equal the main process's when they are deterministic (``shuffle=False``, or the order
-set in the main process by ``on_epoch_end``, which Keras calls before the first epoch). With
+drawn in the main process: NOTE [ Settling Keras' image iterators ], and by ``on_epoch_end``). With
 random augmentation and ``seed``, each worker seeds NumPy from ``seed + total_batches_seen``
 with its own counter - as in Keras' own ``use_multiprocessing=True`` - so augmented batches
 differ from a single process's.

@@ -276,8 +276,9 @@ def test_the_pool_settles_the_order_before_sending_the_iterator(method, digits):
     assert served == [int(i) for i in iterator.index_array]
 
 
-def test_settle_draws_like_the_first_getitem_and_keeps_the_global_rng(digits):
-    image_data_generator, _ = _flavour("keras3" if keras.__version__[0] == "3" else "keras2")
+@pytest.mark.parametrize("flavour", ["keras3", "keras2"])
+def test_settle_draws_like_the_first_getitem_and_keeps_the_global_rng(flavour, digits):
+    image_data_generator, _ = _flavour(flavour)
 
     def fresh(seed):
         return _iterators(image_data_generator, digits, shuffle=True, seed=seed)["flow"]
