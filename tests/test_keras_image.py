@@ -161,18 +161,19 @@ def _recording_model(k, ids):
         rows = np.asarray(x).reshape(len(x), -1)
         model.seen[kind].extend(ids[row.tobytes()] for row in rows)
 
+    # The batch is the last argument: JAX's steps take (state, data), the others (data).
     class Recording(k.Sequential):
-        def train_step(self, data):
-            record("fit", data)
-            return super().train_step(data)
+        def train_step(self, *args):
+            record("fit", args[-1])
+            return super().train_step(*args)
 
-        def test_step(self, data):
-            record("evaluate", data)
-            return super().test_step(data)
+        def test_step(self, *args):
+            record("evaluate", args[-1])
+            return super().test_step(*args)
 
-        def predict_step(self, data):
-            record("predict", data)
-            return super().predict_step(data)
+        def predict_step(self, *args):
+            record("predict", args[-1])
+            return super().predict_step(*args)
 
     k.utils.set_random_seed(0)
     model = Recording([k.Input((SIZE, SIZE, 1)), k.layers.Flatten(), k.layers.Dense(1)])
