@@ -19,6 +19,7 @@ from ._exceptions import (
     SerializationError,
     StartMethodError,
     ThreadFallbackWarning,
+    UnsupportedInputError,
     WorkerCrashedError,
     WorkerTimeoutError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "StartMethodError",
     "ThreadFallbackWarning",
     "Unpicklable",
+    "UnsupportedInputError",
     "WorkerCrashedError",
     "WorkerInfo",
     "WorkerTimeoutError",

@@ -10,6 +10,7 @@ The whole hierarchy; each class is also a stdlib type callers already catch::
                                               error's type, see serialization_error)
           +-- WorkerCrashedError             (also RuntimeError)
           +-- WorkerTimeoutError             (also TimeoutError)
+          +-- UnsupportedInputError          (also TypeError and ValueError)
 
     Warning
      +-- UserWarning
@@ -26,6 +27,7 @@ __all__ = [
     "SerializationError",
     "StartMethodError",
     "ThreadFallbackWarning",
+    "UnsupportedInputError",
     "WorkerCrashedError",
     "WorkerTimeoutError",
 ]
@@ -147,6 +149,19 @@ def serialization_error(
         return cls(message, unpicklable)
     except Exception:  # an original type whose __new__ insists on its own arguments
         return SerializationError(message, unpicklable)
+
+
+class UnsupportedInputError(CompatMPError, TypeError, ValueError):
+    """``x`` or ``validation_data`` of ``compatmp.fit``/``evaluate``/``predict`` is nothing
+    compatmp or Keras can load (an ``int``, a generator *function*, ...).
+
+    Raised before any worker starts. The message starts with the message Keras itself raises
+    for that input in the model's Keras flavour (Keras 3: ``Unrecognized data type: x=...``,
+    ``keras/src/trainers/data_adapters/__init__.py``; Keras 2: ``Failed to find data adapter
+    that can handle input: ...``, ``tf_keras/src/engine/data_adapter.py``) and goes on with
+    what compatmp accepts. Both a ``ValueError`` - the type Keras raises - and a
+    ``TypeError`` - the type compatmp raised for it before - so code catching either works.
+    """
 
 
 class WorkerCrashedError(CompatMPError, RuntimeError):

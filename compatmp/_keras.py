@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import ThreadFallbackWarning
+from ._exceptions import ThreadFallbackWarning, UnsupportedInputError
 from ._feeder import (
     _TRAIN,
     _VALIDATION,
@@ -61,19 +61,107 @@ _passthrough_logged = False
 # Input checks (all of them run before any worker starts)
 
 
-def _check_no_targets(kwargs: dict[str, Any], fn: str) -> None:
+# NOTE [ Keras' own error messages ]
+# Where compatmp rejects input that Keras would reject, the error has Keras' type and its
+# message starts with Keras' own message for the model's Keras flavour, so code and tests
+# written against Keras (``assertRaisesRegex(ValueError, "`y` argument is not supported")``
+# in tf_keras' own tests) keep working; compatmp's explanation follows. The texts, copied from
+# Keras 3.15 and tf_keras 2.21 (tests/test_keras.py and tests/test_keras2.py check them
+# against the installed Keras):
+# * ``y``/``sample_weight`` with a dataset or generator: Keras 3
+#   ``keras/src/trainers/data_adapters/__init__.py`` ``raise_unsupported_arg`` (checks ``is
+#   not None``); tf_keras ``tf_keras/src/engine/data_adapter.py``
+#   ``KerasSequenceAdapter``/``GeneratorDataAdapter`` (checks ``is_none_or_empty``: ``[]``
+#   passes).
+# * ``validation_split`` with no ``validation_data``: Keras 3
+#   ``keras/src/trainers/data_adapters/array_slicing.py`` ``train_validation_split``; tf_keras
+#   ``data_adapter.train_validation_split``. With ``validation_data`` both ignore it.
+# * an ``x`` or ``validation_data`` nobody can load: Keras 3 ``get_data_adapter`` ("Unrecognized
+#   data type"), tf_keras ``select_data_adapter`` ("Failed to find data adapter"), raised as
+#   :class:`~compatmp.UnsupportedInputError` (also the TypeError compatmp raised before).
+# Not mirrored: compatmp's own pre-checks for input Keras accepts or fails on only later
+# (an empty dataset, an infinite PyDataset without steps, the loader settings).
+
+
+def _keras_type_name(x: object) -> str:
+    """tf_keras' ``data_adapter._type_name``: the type, and the item types of containers."""
+    if isinstance(x, dict):
+        keys = {_keras_type_name(k) for k in x}
+        values = {_keras_type_name(v) for v in x.values()}
+        return f"({type(x)} containing {keys} keys and {values} values)"
+    if isinstance(x, (list, tuple)):
+        return f"({type(x)} containing values of types { ({_keras_type_name(v) for v in x}) })"
+    return str(type(x))
+
+
+def _keras_target_message(flavour: int, name: str, kind: str) -> str:
+    """Keras' message for ``y=``/``sample_weight=`` passed with a dataset or a generator."""
+    if flavour == 2:
+        source = "`keras.utils.Sequence`" if kind == "dataset" else "python generator"
+        return f"`{name}` argument is not supported when using {source} as input."
+    input_type = "PyDataset" if kind == "dataset" else "generator"
+    arg, what = ("y", "the targets") if name == "y" else ("sample_weights", "the sample weights")
+    return (
+        f"When providing `x` as a {input_type}, `{arg}` should not be passed. Instead, {what} "
+        f"should be included as part of the {input_type}."
+    )
+
+
+def _none_or_empty(value: Any) -> bool:
+    """tf_keras' ``is_none_or_empty`` for the plain containers a user passes."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_none_or_empty(v) for v in value)
+    return value is None
+
+
+def _check_no_targets(kwargs: dict[str, Any], fn: str, flavour: int, kind: str, x: object) -> None:
+    """Reject ``y``/``sample_weight``/``validation_split`` with a dataset or generator, as Keras
+    does and with Keras' message (NOTE [ Keras' own error messages ]).
+
+    Raises:
+        ValueError: one of them was passed.
+    """
     for name in ("y", "sample_weight"):
-        if kwargs.get(name) is not None:
-            raise ValueError(
-                f"compatmp.{fn}: {name}= cannot be passed with a dataset or generator; the "
-                f"dataset's batches must carry it, as (x, y) or (x, y, sample_weight) "
-                f"(same rule as Keras, data_adapters/__init__.py raise_unsupported_arg)."
-            )
-    if kwargs.get("validation_split"):
+        value = kwargs.get(name)
+        if value is None or (flavour == 2 and _none_or_empty(value)):
+            continue
         raise ValueError(
-            "compatmp.fit: validation_split only works with arrays (Keras slices them); pass "
-            "validation_data=<another dataset> instead."
+            f"{_keras_target_message(flavour, name, kind)} (compatmp.{fn}: x is a {kind}, so "
+            f"{name}= cannot be passed with it; its batches must carry it, as (x, y) or "
+            "(x, y, sample_weight). Keras' own rule and message.)"
         )
+    if fn == "fit" and kwargs.get("validation_split") and kwargs.get("validation_data") is None:
+        if flavour == 2:
+            said = (
+                "`validation_split` is only supported for Tensors or NumPy arrays, found "
+                f"following types in the input: {[type(x)]}"
+            )
+        else:  # sic: no space after the full stop, as in Keras
+            said = (
+                "Argument `validation_split` is only supported for tensors or NumPy arrays."
+                f"Found incompatible type in the input: {[type(x)]}"
+            )
+        raise ValueError(
+            f"{said} (compatmp.fit: validation_split only works with arrays, which Keras "
+            "slices; pass validation_data=<another dataset> instead.)"
+        )
+
+
+def _classify(x: object, arg: str, flavour: int, y: object = None) -> str:
+    """:func:`classify`, raising :class:`UnsupportedInputError` with Keras' message first."""
+    try:
+        return classify(x, arg)
+    except TypeError as exc:
+        if flavour == 2:
+            said = (
+                "Failed to find data adapter that can handle input: "
+                f"{_keras_type_name(x)}, {_keras_type_name(y)}"
+            )
+        else:
+            said = f"Unrecognized data type: x={x} (of type {type(x)})"
+        raise UnsupportedInputError(f"{said} (compatmp: {exc})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,12 +226,13 @@ class _Call:
         self.kwargs = kwargs
         self.flavour = keras_flavour(model) or (3, "keras")
         self.ranks = self.flavour[0] == 2 or _keras3_backend() == "tensorflow"
-        self.kind = classify(x)
+        flavour = self.flavour[0]
+        self.kind = _classify(x, "x", flavour, kwargs.get("y"))
         self.loader = Loader.resolve(x, **loader)
         self.validation = kwargs.get("validation_data") if fn == "fit" else None
         val_is_dataset = (
             self.validation is not None
-            and classify(self.validation, "validation_data") == "dataset"
+            and _classify(self.validation, "validation_data", flavour) == "dataset"
         )
         self.datasets: list[tuple[object, int | None, str]] = []  # (dataset, length, name)
         if self.kind == "dataset":
@@ -153,7 +242,7 @@ class _Call:
                 (self.validation, self._length(self.validation, "validation_data"), "val")
             )
         if self.kind != "keras":
-            _check_no_targets(kwargs, fn)
+            _check_no_targets(kwargs, fn, flavour, self.kind, x)
 
     def _length(self, dataset: object, arg: str) -> int | None:
         n = dataset_length(dataset, arg)
@@ -489,8 +578,13 @@ def fit(
         keras.callbacks.History: exactly what ``model.fit`` returns.
 
     Raises:
-        TypeError: ``x`` is none of the above, or a loader argument has the wrong type.
-        ValueError: ``workers`` < 0, an empty dataset, ``y``/``sample_weight`` with a dataset,
+        compatmp.UnsupportedInputError: ``x`` or ``validation_data`` is none of the above
+            (both a ``TypeError`` and, as in Keras, a ``ValueError``; the message starts with
+            Keras' own).
+        TypeError: a loader argument has the wrong type.
+        ValueError: ``workers`` < 0, an empty dataset, ``y``/``sample_weight`` with a dataset
+            or generator, or ``validation_split`` without ``validation_data`` (both with
+            Keras' own message first, NOTE [ Keras' own error messages ]),
             an infinite dataset without ``steps_per_epoch``, ``use_multiprocessing``
             contradicting ``start_method``, or a batch whose structure differs from the
             first batch's. All argument errors are raised before any worker starts.

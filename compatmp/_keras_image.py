@@ -1,4 +1,5 @@
-"""Keras' ``ImageDataGenerator`` iterators in worker processes: the ``index_generator`` rule.
+"""Keras' ``ImageDataGenerator`` iterators in workers: the ``index_generator`` rule, and the
+epoch's ``index_array`` settled in the main process.
 
 NOTE [ ImageDataGenerator iterators ]
 ``ImageDataGenerator.flow``, ``flow_from_directory`` and ``flow_from_dataframe`` return
@@ -21,10 +22,48 @@ running on threads (the fallback when pickling fails), so the rule is limited to
 source shows the generator is unused by ``__getitem__``.
 
 Batches equal the main process's when they are deterministic (``shuffle=False``, or the order
-set in the main process by ``on_epoch_end``, which Keras calls before the first epoch). With
+drawn in the main process: NOTE [ Settling Keras' image iterators ], and by ``on_epoch_end``). With
 random augmentation and ``seed``, each worker seeds NumPy from ``seed + total_batches_seen``
 with its own counter - as in Keras' own ``use_multiprocessing=True`` - so augmented batches
 differ from a single process's.
+
+NOTE [ Settling Keras' image iterators ]
+The same ``Iterator`` base class draws the order of an epoch lazily and at random, per
+process: ``index_array`` is None after ``__init__``; the first ``__getitem__`` (after
+``np.random.seed(seed + total_batches_seen)`` when ``seed`` is set) calls
+``_set_index_array()``, which with ``shuffle=True`` - the default of ``flow``,
+``flow_from_directory`` and ``flow_from_dataframe``, with ``seed=None`` - is
+``np.random.permutation(n)`` from NumPy's global RNG. Sent before that first call, every worker
+process drew its own permutation (compatmp seeds each worker's NumPy differently; a forked one
+inherits the main's RNG, then is reseeded), so worker A served positions 0-3 of one order and
+worker B positions 4-7 of another: ``compatmp.predict`` over 48 images returned about a quarter
+of them twice and never the others, under fork, forkserver and spawn (issue 20). Threads share
+the object, but two threads can both find ``index_array`` None and draw twice.
+
+:func:`settle_image_iterator` (run by :func:`compatmp._settle.settle` before the pool pickles
+the dataset and before every ``update_dataset``) draws it once, in the main process, exactly as
+the first ``__getitem__`` would there: the iterator's own ``_set_index_array()`` (a subclass
+override is honoured), from the global RNG when ``seed`` is None - so ``np.random.seed(s)``
+before the call gives plain Keras' order - and from ``np.random.seed(seed +
+total_batches_seen)`` when ``seed`` is set, with the main's global RNG state restored after.
+Later epochs need nothing: ``on_epoch_end`` (Keras calls it; compatmp forwards it in the main
+process) redraws ``index_array`` there and the new state is sent before the next batch. With
+``seed`` set, that redraw uses the main's global RNG, which in one process Keras' own
+``__getitem__`` would just have reseeded; so the order of epochs after the first differs from a
+single process's, while every sample is still served exactly once per epoch.
+
+Checked for the same lazy, per-process random state (Keras 3.15, tf_keras 2.21,
+keras-preprocessing 1.1):
+``NumpyArrayIterator``, ``DirectoryIterator``, ``DataFrameIterator`` (all three inherit
+``index_array`` from ``Iterator``; ``BatchFromFilesMixin`` adds only file lists and the
+augmentation draws per sample, which are per-batch randomness, not state); the image modules of
+:data:`_ITERATOR_MODULES`; ``TimeseriesGenerator`` (``keras/src/legacy/preprocessing/sequence.py``,
+``tf_keras/src/preprocessing/sequence.py``): with ``shuffle=True`` each ``__getitem__`` draws its
+rows with ``np.random.randint`` - sampling with replacement per batch even in one process, no
+stored state, nothing to settle; ``keras.utils.PyDataset`` and tf_keras' ``Sequence`` (no random
+state; ``OrderedEnqueuer`` shuffles the batch order with ``random.shuffle`` in the main process,
+as compatmp's feeder does); ``keras.utils.*_dataset_from_directory`` and
+``timeseries_dataset_from_array`` return ``tf.data`` datasets, which Keras loads itself.
 """
 
 from __future__ import annotations
@@ -34,7 +73,7 @@ import sys
 import types
 from typing import Any
 
-__all__ = ["NotSentGenerator", "image_iterator_reduce"]
+__all__ = ["NotSentGenerator", "image_iterator_reduce", "settle_image_iterator"]
 
 # Modules defining the image Iterator base class, per Keras version (see the NOTE).
 _ITERATOR_MODULES = (
@@ -42,6 +81,7 @@ _ITERATOR_MODULES = (
     "tf_keras.src.preprocessing.image",  # tf_keras 2.x
     "keras.src.preprocessing.image",  # TensorFlow 2.13-2.15's Keras 2
     "keras.preprocessing.image",  # TensorFlow 2.12's Keras 2
+    "keras_preprocessing.image.iterator",  # the standalone keras-preprocessing package
 )
 
 
@@ -106,3 +146,45 @@ def image_iterator_reduce(obj: Any) -> Any:
     state = dict(state)
     state["index_generator"] = NotSentGenerator(f"{cls.__module__}.{cls.__qualname__}")
     return copyreg.__newobj__, (cls,), state
+
+
+def settle_image_iterator(obj: Any) -> bool:
+    """Draw a Keras image iterator's ``index_array`` now, in this process, if it is unset.
+
+    NOTE [ Settling Keras' image iterators ]. Never imports Keras: only instances of classes
+    from already imported Keras modules match. Draws from NumPy's global RNG like the first
+    ``__getitem__`` would: as is when ``obj.seed`` is None; seeded with ``obj.seed +
+    obj.total_batches_seen`` otherwise, and the global RNG's state is then restored.
+
+    Args:
+        obj (object): any object reachable from a dataset.
+
+    Returns:
+        bool: True if ``obj`` is a Keras image iterator whose ``index_array`` was None and is
+        now drawn; False otherwise (nothing changed).
+
+    Raises:
+        Exception: whatever the iterator's own ``_set_index_array()`` raises.
+    """
+    classes = _iterator_classes()
+    if not classes or not isinstance(obj, classes):
+        return False
+    state = getattr(obj, "__dict__", None)
+    if not isinstance(state, dict) or state.get("index_array", 0) is not None:
+        return False
+    draw = getattr(obj, "_set_index_array", None)
+    if not callable(draw):
+        return False
+    seed = state.get("seed")
+    if seed is None:
+        draw()
+        return True
+    import numpy as np  # the iterator's module imported it already
+
+    saved = np.random.get_state()
+    try:
+        np.random.seed(seed + state.get("total_batches_seen", 0))
+        draw()
+    finally:
+        np.random.set_state(saved)
+    return True

@@ -29,6 +29,7 @@ from ._core import MAIN_POLL_INTERVAL, _Core, _PoolClosed
 from ._exceptions import SerializationError, ThreadFallbackWarning
 from ._platform import Decision, decide_start_method
 from ._serialize import dumps
+from ._settle import settle
 from ._shared_data import SHARE_THRESHOLD, DatasetSharer, DatasetUpdate
 from ._stall import DEFAULT_STALL_TIMEOUT
 
@@ -142,6 +143,7 @@ class OrderedPool:
         self._seed = seed if seed is not None else secrets.randbits(64)
 
         decision = decide_start_method(start_method)
+        settle(dataset)  # NOTE [ Settling a dataset ]: lazy random state drawn here, once
         dataset_payload: Any = dataset
         init_payload: Any = worker_init_fn
         # NOTE [ Shared dataset buffers ] (compatmp._shared_data): big buffers go to shared
@@ -375,6 +377,7 @@ class OrderedPool:
         """
         self._check_open()
         _check_dataset(dataset)
+        settle(dataset)  # NOTE [ Settling a dataset ]
         if self._sharer is None:
             if dataset is self._dataset:
                 return DatasetUpdate(False)

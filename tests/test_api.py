@@ -21,6 +21,7 @@ PUBLIC = {
     "StartMethodError",
     "ThreadFallbackWarning",
     "Unpicklable",
+    "UnsupportedInputError",
     "WorkerCrashedError",
     "WorkerInfo",
     "WorkerTimeoutError",
@@ -68,8 +69,11 @@ def test_exception_hierarchy_matches_stdlib_types():
     assert issubclass(compatmp.SerializationError, pickle.PicklingError)
     assert issubclass(compatmp.WorkerCrashedError, RuntimeError)
     assert issubclass(compatmp.WorkerTimeoutError, TimeoutError)
+    assert issubclass(compatmp.UnsupportedInputError, TypeError)  # compatmp's type before
+    assert issubclass(compatmp.UnsupportedInputError, ValueError)  # Keras' type
     for exc in (
         "StartMethodError",
+        "UnsupportedInputError",
         "SerializationError",
         "WorkerCrashedError",
         "WorkerTimeoutError",

@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import functools
 import importlib.util
 import random
 import subprocess
@@ -577,7 +578,7 @@ def _generator_function():
         ({"x": 42}, TypeError, "received builtins.int 42"),
         ({"x": _generator_function}, TypeError, r"pass its result, f\(\), instead"),
         ({"x": kd.EmptyDataset()}, ValueError, r"x is empty: len\(x\) == 0"),
-        ({"y": np.zeros(4)}, ValueError, "y= cannot be passed with a dataset"),
+        ({"y": np.zeros(4)}, ValueError, "`y` should not be passed. Instead, the targets"),
     ],
 )
 def test_bad_input_fails_before_workers_start(kwargs, error, match, monkeypatch):
@@ -590,6 +591,67 @@ def test_bad_input_fails_before_workers_start(kwargs, error, match, monkeypatch)
     with pytest.raises(error, match=match):
         compatmp.fit(tiny_model(), x, verbose=0, **kwargs)
     assert started == []
+
+
+def _function_not_generator():
+    yield kd.ArrayDataset()[0]
+
+
+# Issue 20: where compatmp rejects what Keras rejects, Keras' own message and type (NOTE [ Keras'
+# own error messages ] in compatmp/_keras.py), checked against the Keras installed here.
+def _pydataset():
+    return kd.pydataset_class()()
+
+
+def _generator():
+    return kd.batch_generator(2)
+
+
+_KERAS_REJECTS = {
+    "y with a PyDataset": ("fit", _pydataset, {"y": np.zeros(48)}),
+    "sample_weight with a PyDataset": ("fit", _pydataset, {"sample_weight": np.ones(48)}),
+    "y with a PyDataset (evaluate)": ("evaluate", _pydataset, {"y": np.zeros(48)}),
+    "y with a generator": ("fit", _generator, {"y": np.zeros(16)}),
+    "sample_weight with a generator": ("evaluate", _generator, {"sample_weight": np.ones(16)}),
+    "validation_split with a PyDataset": ("fit", _pydataset, {"validation_split": 0.5}),
+    "x is an int": ("fit", lambda: 42, {}),
+    "x is a generator function": ("predict", lambda: _function_not_generator, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_KERAS_REJECTS))
+def test_rejections_carry_keras_own_message_and_type(case, monkeypatch):
+    fn, make_x, kwargs = _KERAS_REJECTS[case]
+    x = make_x()
+    with pytest.raises(Exception) as keras_raised:
+        getattr(tiny_model(), fn)(x, verbose=0, **kwargs)
+    monkeypatch.setattr("compatmp._keras._open_pool", lambda *a, **k: pytest.fail("pool"))
+    with pytest.raises(type(keras_raised.value)) as ours:
+        getattr(compatmp, fn)(tiny_model(), x, verbose=0, workers=2, **kwargs)
+    keras_said = str(keras_raised.value)
+    assert str(ours.value).startswith(keras_said), (str(ours.value), keras_said)
+    assert "compatmp" in str(ours.value)[len(keras_said) :]  # and our explanation
+    if case.startswith("x is"):
+        assert isinstance(ours.value, compatmp.UnsupportedInputError)
+        assert isinstance(ours.value, TypeError)  # what compatmp raised before
+
+
+def test_validation_split_is_ignored_with_validation_data_as_in_keras():
+    # Keras applies validation_split only when validation_data is None; so does compatmp.
+    def run(fit, **loader):
+        return fit(
+            kd.pydataset_class()(48, 8),
+            validation_data=kd.pydataset_class()(16, 8),
+            validation_split=0.5,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+            **loader,
+        )
+
+    expected = run(tiny_model().fit)
+    got = run(functools.partial(compatmp.fit, tiny_model()), workers=0)
+    kd.assert_same_history(got, expected)
 
 
 def test_bad_start_method_is_a_start_method_error():

@@ -210,6 +210,59 @@ def test_dataset_exception_keeps_its_type(method):
     assert isinstance(info.value.__cause__, RemoteTraceback)
 
 
+# Issue 20: where compatmp rejects what Keras 2 rejects, tf_keras' own message and type (NOTE
+# [ Keras' own error messages ] in compatmp/_keras.py); tf_keras' own test
+# test_sequence_input_to_fit_eval_predict expects ValueError matching "`y` argument is not
+# supported" for y= with a Sequence.
+def _sequence():
+    return k2.sequence_class()(48, 8)
+
+
+def _generator():
+    return kd.batch_generator(2)
+
+
+_KERAS2_REJECTS = {
+    "y with a Sequence": ("fit", _sequence, {"y": np.zeros(48)}),
+    "sample_weight with a Sequence": ("fit", _sequence, {"sample_weight": np.ones(48)}),
+    "y with a Sequence (evaluate)": ("evaluate", _sequence, {"y": np.zeros(48)}),
+    "y with a generator": ("fit", _generator, {"y": np.zeros(16)}),
+    "sample_weight with a generator": ("evaluate", _generator, {"sample_weight": np.ones(16)}),
+    "validation_split with a Sequence": ("fit", _sequence, {"validation_split": 0.5}),
+    # (an int is no example here: tf_keras takes it for a tensor, then fails with IndexError)
+    "x is an object": ("fit", object, {}),
+    "x is a generator function": ("predict", lambda: _generator, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_KERAS2_REJECTS))
+def test_rejections_carry_keras2_own_message_and_type(case, monkeypatch):
+    fn, make_x, kwargs = _KERAS2_REJECTS[case]
+    x = make_x()
+    with pytest.raises(Exception) as keras_raised:
+        getattr(tiny_model(), fn)(x, verbose=0, **kwargs)
+    monkeypatch.setattr("compatmp._keras._open_pool", lambda *a, **k: pytest.fail("pool"))
+    with pytest.raises(type(keras_raised.value)) as ours:
+        getattr(compatmp, fn)(tiny_model(), x, verbose=0, workers=2, **kwargs)
+    keras_said = str(keras_raised.value)
+    assert str(ours.value).startswith(keras_said), (str(ours.value), keras_said)
+    assert "compatmp" in str(ours.value)[len(keras_said) :]  # and our explanation
+
+
+@pytest.mark.parametrize("fn", ["fit", "evaluate"])
+def test_y_argument_message_of_tf_keras_own_sequence_test(fn):
+    # The assertion of tf_keras' test_sequence_input_to_fit_eval_predict, on compatmp.
+    with pytest.raises(ValueError, match="`y` argument is not supported"):
+        getattr(compatmp, fn)(tiny_model(), _sequence(), np.zeros(48), verbose=0)
+
+
+def test_empty_y_is_accepted_as_in_keras2():
+    # tf_keras checks is_none_or_empty(y): y=[] is no target at all.
+    expected = tiny_model().evaluate(_sequence(), y=[], verbose=0)
+    got = compatmp.evaluate(tiny_model(), _sequence(), y=[], workers=0, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 @pytest.mark.timeout(120)
 def test_generator_and_arrays():
     expected = tiny_model().fit(kd.batch_generator(30), steps_per_epoch=5, epochs=3, verbose=0)
