@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._alloc import empty
+from ._context import CompatContext, get_context
 from ._exceptions import (
     CompatMPError,
     SerializationError,
@@ -57,6 +58,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CompatContext",
     "CompatMPError",
     "CompatPickler",
     "Decision",
@@ -79,6 +81,7 @@ __all__ = [
     "evaluate",
     "find_unpicklable",
     "fit",
+    "get_context",
     "get_worker_info",
     "loads",
     "predict",

@@ -10,6 +10,7 @@ import pytest
 import compatmp
 
 PUBLIC = {
+    "CompatContext",
     "CompatMPError",
     "CompatPickler",
     "Decision",
@@ -32,6 +33,7 @@ PUBLIC = {
     "evaluate",
     "find_unpicklable",
     "fit",
+    "get_context",
     "get_worker_info",
     "loads",
     "predict",
