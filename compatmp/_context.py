@@ -64,7 +64,7 @@ from ._exceptions import serialization_error
 from ._platform import Decision, PlatformFacts, decide_start_method, python_default_method
 from ._serialize import PROTOCOL, CompatPickler, _failure_message
 
-__all__ = ["CompatContext", "get_context"]
+__all__ = ["CompatContext", "close_dataloader", "dataloader_with_context", "get_context"]
 
 _log = logging.getLogger("compatmp")
 
@@ -466,3 +466,63 @@ def _why(method: str, facts: PlatformFacts) -> str:
     if method == python_default_method(facts):
         return "Python's default here"
     return "safe with the threads this process runs"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch DataLoader objects given to compatmp.fit / evaluate / predict
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_torch_dataloader(obj: object) -> bool:
+    torch_data = sys.modules.get("torch.utils.data")
+    loader = getattr(torch_data, "DataLoader", None)
+    return isinstance(loader, type) and isinstance(obj, loader)
+
+
+def dataloader_with_context(loader: Any, start_method: str = "auto") -> tuple[Any, Any]:
+    """A copy of a torch ``DataLoader`` that starts its workers with compatmp's context.
+
+    NOTE [ torch DataLoader in compatmp.fit ]
+    Keras 3 iterates a torch ``DataLoader`` itself (``TorchDataLoaderAdapter``), so its worker
+    processes are torch's, started with the loader's ``multiprocessing_context`` - by default
+    the program's start method, where a dataset holding a lock or a ``__main__`` lambda fails
+    under spawn (pytorch/pytorch#51836). compatmp.fit/evaluate/predict hand Keras a shallow
+    ``copy.copy`` of a loader that has ``num_workers > 0`` and no context of its own, with
+    ``multiprocessing_context=compatmp.get_context(start_method)``: the same decision as
+    compatmp's own workers. The user's object is not changed (its dataset, sampler and
+    ``collate_fn`` are shared, not copied; its ``_iterator`` is not), and persistent workers
+    the copy started are shut down when the call ends. A loader with its own context, or
+    ``num_workers=0``, or ``start_method`` "thread"/"ray", is passed on as it is.
+
+    Args:
+        loader (torch.utils.data.DataLoader | object): anything; only a ``DataLoader`` with
+            workers and no context is copied.
+        start_method (str): as for :func:`compatmp.fit` (default: ``"auto"``).
+
+    Returns:
+        tuple[object, CompatContext | None]: ``(copy, context)``, or ``(loader, None)`` when
+        it is left alone.
+
+    Raises:
+        compatmp.StartMethodError: ``start_method`` is unknown or unavailable here.
+    """
+    import copy
+
+    if not _is_torch_dataloader(loader) or start_method in ("thread", "ray"):
+        return loader, None
+    if not loader.num_workers or loader.multiprocessing_context is not None:
+        return loader, None
+    ctx = get_context(start_method)
+    clone = copy.copy(loader)
+    clone._iterator = None  # the original's persistent workers stay the original's
+    clone.multiprocessing_context = ctx  # torch's setter checks isinstance(BaseContext)
+    return clone, ctx
+
+
+def close_dataloader(loader: Any) -> None:
+    """Shut down the persistent workers of a loader made by :func:`dataloader_with_context`."""
+    iterator = getattr(loader, "_iterator", None)
+    loader._iterator = None
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
