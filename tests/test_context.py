@@ -353,3 +353,19 @@ def test_keras_on_torch_fit_with_a_dataloader_under_set_start_method_spawn():
     said = out["said"]
     assert len(said) == 4, said  # fit: x and validation_data; evaluate; predict
     assert all("(spawn)" in line and "set_start_method" in line for line in said)
+
+
+@pytest.mark.parametrize("library", ["stdlib", "compatmp"])
+def test_the_benchmark_child_sends_lambdas_only_through_compatmp(library):
+    """The executor rows of python -m compatmp.bench.context, run here in-process (fork)."""
+    from compatmp.bench import context as bench_context
+
+    method = "fork" if "fork" in METHODS else "spawn"
+    out = bench_context.child({"table": "executor", "method": method, "library": library})
+    assert isinstance(out["function, int"], float) and out["function, int"] > 0
+    assert isinstance(out["function, 1 MiB"], float)
+    for name in ("lambda, int", "lambda, 1 MiB"):
+        if library == "stdlib":
+            assert str(out[name]).startswith("fails: ")
+        else:
+            assert isinstance(out[name], float) and out[name] > 0
