@@ -80,11 +80,34 @@ _NOTHING = object()
 # ---------------------------------------------------------------------------------------------
 
 
+def _method_reduce(method: types.MethodType) -> tuple:
+    """A bound method by name on its object, as ``ForkingPickler`` sends it, when that name
+    gives the method back; else cloudpickle's reduction (the function by value if need be).
+
+    cloudpickle sends the function of a bound *classmethod* by value (its qualified name does
+    not lead back to the function), so a worker's traceback showed ``<dynamic-code>``
+    instead of the source line: CPython's ``test_traceback`` (tests/vendored_cpython_futures)
+    found it.
+    """
+    owner, name = method.__self__, method.__func__.__name__
+    try:
+        same = getattr(owner, name) == method
+    except Exception:
+        same = False
+    if same:
+        return getattr, (owner, name)
+    return types.MethodType, (method.__func__, owner)
+
+
+_OWN_REDUCERS = {types.MethodType: _method_reduce}
+
+
 def _dispatch_table() -> collections.ChainMap:
-    # cloudpickle's reducers first (its by-value methods beat ForkingPickler's getattr ones),
-    # then ForkingPickler's registry as it is *now* (Connection, socket, torch tensors and
-    # storages registered by torch.multiprocessing), then copyreg, as ForkingPickler has it.
+    # Bound methods as the stdlib sends them where it can (_method_reduce); then cloudpickle's
+    # reducers, ForkingPickler's registry as it is *now* (Connection, socket, torch tensors
+    # and storages registered by torch.multiprocessing), then copyreg, as ForkingPickler has it.
     return collections.ChainMap(
+        _OWN_REDUCERS,
         getattr(cloudpickle.Pickler, "_dispatch_table", {}),
         mp_reduction.ForkingPickler._extra_reducers,
         copyreg.dispatch_table,
