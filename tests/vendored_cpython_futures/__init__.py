@@ -12,8 +12,11 @@ import functools
 import sys
 import types
 
-from test import support
-from test.support import warnings_helper
+try:  # Python's own test package; some distributions ship Python without it
+    from test import support
+    from test.support import warnings_helper
+except ImportError:  # conftest.py then collects nothing here
+    support = None
 
 
 def _identity_decorator(*_args, **_kwargs):
@@ -23,14 +26,17 @@ def _identity_decorator(*_args, **_kwargs):
 # test.support names newer than some supported Pythons (3.13: Py_GIL_DISABLED,
 # requires_gil_enabled; 3.14: ignore_fork_in_thread_deprecation_warnings, check_sanitizer's
 # thread=). On a GIL build they change nothing.
-if not hasattr(support, "Py_GIL_DISABLED"):
+if support is not None and not hasattr(support, "Py_GIL_DISABLED"):
     support.Py_GIL_DISABLED = False
-if not hasattr(support, "requires_gil_enabled"):
+if support is not None and not hasattr(support, "requires_gil_enabled"):
     support.requires_gil_enabled = _identity_decorator
-if not hasattr(warnings_helper, "ignore_fork_in_thread_deprecation_warnings"):
+if support is not None and not hasattr(
+    warnings_helper, "ignore_fork_in_thread_deprecation_warnings"
+):
     warnings_helper.ignore_fork_in_thread_deprecation_warnings = _identity_decorator
 try:
-    support.check_sanitizer(thread=True)
+    if support is not None:
+        support.check_sanitizer(thread=True)
 except TypeError:
     _check_sanitizer = support.check_sanitizer
 
@@ -56,12 +62,10 @@ def _parameterize(*args_set):
     return wrapper
 
 
-if "test.test_importlib.metadata.fixtures" not in sys.modules:
+if support is not None and "test.test_importlib.metadata.fixtures" not in sys.modules:
     with contextlib.suppress(ImportError):
         import test.test_importlib.metadata.fixtures  # noqa: F401
-    if "test.test_importlib.metadata.fixtures" not in sys.modules:
+    if support is not None and "test.test_importlib.metadata.fixtures" not in sys.modules:
         fixtures = types.ModuleType("test.test_importlib.metadata.fixtures")
         fixtures.parameterize = _parameterize
         sys.modules["test.test_importlib.metadata.fixtures"] = fixtures
-
-

@@ -15,6 +15,11 @@ import concurrent.futures
 import sys
 import threading
 
+from . import support
+
+# Without Python's test package (test.support) the vendored modules cannot even be imported.
+collect_ignore_glob = ["test_*.py"] if support is None else []
+
 _POOL = concurrent.futures.ProcessPoolExecutor
 _NEWER_FIX = "a regression test of a ProcessPoolExecutor fix newer than this Python"
 _NEW_API = "needs Python 3.14's ProcessPoolExecutor.terminate_workers/kill_workers"
@@ -59,9 +64,7 @@ def pytest_collection_modifyitems(config, items):
         if "vendored_cpython_futures" not in str(item.fspath):
             keep.append(item)
             continue
-        reason = next(
-            (why for key, why in _NOT_RUN.items() if why and key in item.nodeid), None
-        )
+        reason = next((why for key, why in _NOT_RUN.items() if why and key in item.nodeid), None)
         (dropped if reason else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
