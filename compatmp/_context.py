@@ -117,7 +117,7 @@ def _dispatch_table() -> collections.ChainMap:
 class _TransferPickler(CompatPickler):
     """:class:`compatmp.CompatPickler` that also knows ``multiprocessing``'s reducers."""
 
-    def __init__(self, file: Any, owner: Any = None) -> None:
+    def __init__(self, file: Any) -> None:
         super().__init__(file, PROTOCOL)
         table = _dispatch_table()
         # The C Pickler reads its dispatch table from a slot, set here through the member
@@ -129,10 +129,18 @@ class _TransferPickler(CompatPickler):
                 member.__set__(self, table)
                 break
         self.dispatch_table = table
+
+
+class _ProcessPickler(_TransferPickler):
+    """Pickles a process's state; the process itself becomes a persistent id (a pickler with
+    ``persistent_id`` pays a Python call per object, so queue items use the one above)."""
+
+    def __init__(self, file: Any, owner: Any) -> None:
+        super().__init__(file)
         self._owner = owner
 
     def persistent_id(self, obj: Any) -> str | None:
-        return _SELF if self._owner is not None and obj is self._owner else None
+        return _SELF if obj is self._owner else None
 
 
 def _transfer_dumps(obj: Any, root: str, *, owner: Any = None, first: Any = _NOTHING) -> bytes:
@@ -152,7 +160,7 @@ def _transfer_dumps(obj: Any, root: str, *, owner: Any = None, first: Any = _NOT
     """
     buf = io.BytesIO()
     start = time.monotonic()
-    pickler = _TransferPickler(buf, owner)
+    pickler = _TransferPickler(buf) if owner is None else _ProcessPickler(buf, owner)
     failing, failing_root = obj, root
     try:
         if first is not _NOTHING:
@@ -211,12 +219,14 @@ class _CompatProcess:
         if self._start_method == "fork":
             super().start()  # type: ignore[misc]
             return
+        # NOTE [ Workers do not re-run __main__ ] in compatmp/_launch.py: its hook, its flag.
         _launch._install_preparation_hook()
+        before = getattr(_launch._launching, "active", False)
         _launch._launching.active = True
         try:
             super().start()  # type: ignore[misc]
         finally:
-            _launch._launching.active = False
+            _launch._launching.active = before
 
     def __reduce__(self) -> tuple:
         # The class (by value when defined in __main__), then the state, by one pickler into
@@ -224,12 +234,6 @@ class _CompatProcess:
         # bound method of the process itself refers back to it: persistent id).
         data = _transfer_dumps(dict(self.__dict__), "process", owner=self, first=type(self))
         return _rebuild_process, (data,)
-
-
-_PROCESS_BASES: dict[str, type] = {"spawn": mp_context.SpawnProcess}
-if sys.platform != "win32":
-    _PROCESS_BASES["fork"] = mp_context.ForkProcess
-    _PROCESS_BASES["forkserver"] = mp_context.ForkServerProcess
 
 
 class CompatSpawnProcess(_CompatProcess, mp_context.SpawnProcess):
