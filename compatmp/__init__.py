@@ -5,6 +5,9 @@ platform (fork, forkserver, spawn or threads, with the reason), ships the datase
 workers intact (locks, lambdas and ``__main__`` classes included), returns batches in order
 through shared memory, and never hangs when a worker dies.
 
+``compatmp.get_context()`` offers the same pickling to anything that takes a
+``multiprocessing`` context: torch's ``DataLoader``, ``ProcessPoolExecutor``, ``Pool``.
+
 ``import compatmp`` never imports TensorFlow or Keras: ``fit``, ``evaluate`` and ``predict``
 load them on first use.
 """
