@@ -5,6 +5,9 @@ platform (fork, forkserver, spawn or threads, with the reason), ships the datase
 workers intact (locks, lambdas and ``__main__`` classes included), returns batches in order
 through shared memory, and never hangs when a worker dies.
 
+``compatmp.get_context()`` offers the same pickling to anything that takes a
+``multiprocessing`` context: torch's ``DataLoader``, ``ProcessPoolExecutor``, ``Pool``.
+
 ``import compatmp`` never imports TensorFlow or Keras: ``fit``, ``evaluate`` and ``predict``
 load them on first use.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._alloc import empty
+from ._context import CompatContext, get_context
 from ._exceptions import (
     CompatMPError,
     SerializationError,
@@ -59,6 +63,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CompatContext",
     "CompatMPError",
     "CompatPickler",
     "DatasetUpdate",
@@ -83,6 +88,7 @@ __all__ = [
     "evaluate",
     "find_unpicklable",
     "fit",
+    "get_context",
     "get_worker_info",
     "loads",
     "predict",

@@ -439,10 +439,51 @@ def _run(
 ) -> Any:
     """Check everything, start the workers, call ``model.<fn>``, stop the workers."""
     call = _Call(fn, model, x, args, kwargs, loader)
+    x, torch_loaders = _torch_loaders(call, x)
+    try:
+        return _run_call(call, model, x, bool(torch_loaders))
+    finally:
+        from ._context import close_dataloader
+
+        for torch_loader in torch_loaders:
+            close_dataloader(torch_loader)
+
+
+def _torch_loaders(call: _Call, x: Any) -> tuple[Any, list[Any]]:
+    """Give torch ``DataLoader`` inputs compatmp's context: NOTE [ torch DataLoader in
+    compatmp.fit ] in compatmp/_context.py. Returns ``x`` and the copies made."""
+    from ._context import dataloader_with_context
+
+    made = []
+    for name in ("x", "validation_data"):
+        value = x if name == "x" else call.validation
+        clone, ctx = dataloader_with_context(value, call.loader.start_method)
+        if ctx is None:
+            continue
+        made.append(clone)
+        if name == "x":
+            x = clone
+        else:
+            call.validation = call.kwargs["validation_data"] = clone
+        _log.info(
+            "compatmp.%s: %s is a torch DataLoader with num_workers=%d and no "
+            "multiprocessing_context: its workers start with compatmp.get_context() (%s); %s",
+            call.fn,
+            name,
+            clone.num_workers,
+            ctx.get_start_method(),
+            ctx.decision.reason,
+        )
+    return x, made
+
+
+def _run_call(call: _Call, model: Any, x: Any, loaders_adopted: bool) -> Any:
+    fn = call.fn
     kwargs = call.kwargs
     method = getattr(model, fn)
     if call.passthrough:
-        _log_passthrough(fn)
+        if not loaders_adopted:
+            _log_passthrough(fn)
         return method(x, **kwargs)
     shuffle = False
     if fn == "fit" and call.kind == "dataset":
@@ -549,7 +590,12 @@ def fit(
 
     Data Keras loads itself - arrays, tensors, dicts, ``(x, y)`` tuples, ``tf.data``, a torch
     ``DataLoader``, with ``y=``/``sample_weight=`` - goes to ``model.fit`` unchanged (said
-    once at INFO on the ``compatmp`` logger).
+    once at INFO on the ``compatmp`` logger). Except: a torch ``DataLoader`` (``x`` or
+    ``validation_data``) with ``num_workers > 0`` and no ``multiprocessing_context`` of its
+    own is given to Keras as a shallow copy whose workers start with
+    :func:`compatmp.get_context` (``start_method``, the same decision as compatmp's own
+    workers; said at INFO); the caller's loader is not changed, and persistent workers of the
+    copy stop when the call ends.
 
     Semantics kept from Keras (NOTE [ How Keras 3 drives a PyDataset ] in compatmp/_feeder.py,
     NOTE [ How Keras 2 drives a Sequence ] in compatmp/_keras2.py): every batch index is used

@@ -38,18 +38,19 @@ process-wide, so it also applies to other forkserver users in the program (who t
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import pickletools
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _worker
 from ._preload import WorkerPayload, preloadable
 
-__all__ = ["start_processes"]
+__all__ = ["start_processes", "without_main"]
 
 # ---------------------------------------------------------------------------------------------
 # NOTE [ Workers do not re-run __main__ ]: the preparation-data hook
@@ -78,14 +79,27 @@ def _install_preparation_hook() -> None:
         spawn.get_preparation_data = get_preparation_data
 
 
-def _start_without_main(proc: Any, method: str) -> None:
-    """``proc.start()`` without ``__main__`` in the child's preparation data, SIGINT blocked."""
+@contextlib.contextmanager
+def without_main() -> Iterator[None]:
+    """Within this block, processes started by this thread skip ``__main__`` in the child.
+
+    Installs the preparation-data hook once (NOTE [ Workers do not re-run __main__ ]) and
+    restores the thread's previous state on exit, so blocks nest. Used for compatmp's own
+    workers and for the processes of :func:`compatmp.get_context` (``_context``).
+    """
+    _install_preparation_hook()
+    before = getattr(_launching, "active", False)
     _launching.active = True
     try:
-        with _sigint_blocked(method):
-            proc.start()
+        yield
     finally:
-        _launching.active = False
+        _launching.active = before
+
+
+def _start_without_main(proc: Any, method: str) -> None:
+    """``proc.start()`` without ``__main__`` in the child's preparation data, SIGINT blocked."""
+    with without_main(), _sigint_blocked(method):
+        proc.start()
 
 
 class _sigint_blocked:

@@ -10,6 +10,7 @@ import pytest
 import compatmp
 
 PUBLIC = {
+    "CompatContext",
     "CompatMPError",
     "CompatPickler",
     "DatasetUpdate",
@@ -34,6 +35,7 @@ PUBLIC = {
     "evaluate",
     "find_unpicklable",
     "fit",
+    "get_context",
     "get_worker_info",
     "loads",
     "predict",

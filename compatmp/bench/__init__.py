@@ -14,7 +14,10 @@ Modules, by job:
 * ``report``: rows, ``x serial`` ratios, the issue's targets, Markdown tables, plot;
 * ``cli``: the configurations, the rounds, and :func:`main`;
 * ``latency``: ``python -m compatmp.bench.latency``, how quickly a killed, stuck or stalled
-  worker is noticed (the unit tests only assert "no hang" bounds).
+  worker is noticed (the unit tests only assert "no hang" bounds);
+* ``context``: ``python -m compatmp.bench.context``, :func:`compatmp.get_context` under torch's
+  ``DataLoader`` and ``ProcessPoolExecutor``, against torch's context, the stdlib's, loky and
+  ``multiprocess``.
 """
 
 from __future__ import annotations
