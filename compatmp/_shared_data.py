@@ -335,7 +335,10 @@ class _Entry:
     writeable: bool
     version: int
     block: SharedMemory | None = None
-    digest: bytes | None = None  # inherited (fork): SHA-256 of the pages the workers have
+    digest: bytes | None = None  # inherited (fork), no room for a block: SHA-256 at the fork
+    # Fork: the workers still use their inherited pages (the block, if any, is only the main
+    # process's copy of them); False once they were sent the block.
+    inherited: bool = False
 
 
 @dataclass
@@ -539,9 +542,12 @@ class DatasetSharer:
                             entry.writeable = p.writeable
                             changed += n > 0
                             copied += n
+                        if n:
+                            entry.inherited = False  # fork: the workers now map the block
                     elif _digest(raw) != entry.digest:  # inherited, written since the fork
                         entry.block = self._new_block(p.key, raw)
                         entry.digest = None
+                        entry.inherited = False
                         entry.version = next(self._versions)
                         entry.writeable = p.writeable
                         changed += 1
@@ -551,10 +557,11 @@ class DatasetSharer:
                         entry.writeable = p.writeable
                 done.add(p.key)
                 version, writeable = entry.version, entry.writeable
-                if entry.block is not None:
-                    refs.append(BufferRef(entry.block.name, p.nbytes, version, writeable))
-                else:
+                if entry.inherited:
                     refs.append(BufferRef("", p.nbytes, version, writeable, p.key))
+                else:
+                    assert entry.block is not None
+                    refs.append(BufferRef(entry.block.name, p.nbytes, version, writeable))
             payload = SharedPayload(plan.data, tuple(refs), plan.modules)
             report = DatasetUpdate(True, len(plan.data), len(done), changed, copied)
             return _Update(payload, [p.key for p in plan.buffers], report)
@@ -605,10 +612,10 @@ class DatasetSharer:
                     if p.key in self._entries:
                         continue
                     with p.buffer.raw() as raw:  # before the fork: what the workers will have
-                        digest = _digest(raw)
+                        block, digest = self._fork_copy(p.key, raw)
                     version = next(self._versions)
                     self._entries[p.key] = _Entry(
-                        p.owner, p.nbytes, p.writeable, version, digest=digest
+                        p.owner, p.nbytes, p.writeable, version, block, digest, inherited=True
                     )
                     _inherited[p.key] = p.owner  # the workers inherit the owners alive
                 self._sent_data = hashlib.blake2b(plan.data).digest()
@@ -620,6 +627,23 @@ class DatasetSharer:
         update = self._materialise_with_room(plan, dataset)
         self.commit(update)
         return update.payload
+
+    def _fork_copy(self, key: tuple, raw: memoryview) -> tuple[SharedMemory | None, bytes | None]:
+        """What the main process keeps of an inherited buffer, taken just before the fork.
+
+        A copy in a block when ``/dev/shm`` has room (compared at memcmp speed later, and the
+        workers' copy once the buffer changes), else a SHA-256 digest (NOTE [ Shared dataset
+        buffers ], "Fork").
+
+        Returns:
+            tuple[SharedMemory | None, bytes | None]: ``(block, None)`` or ``(None, digest)``.
+        """
+        if self.prefix is None:  # no shared memory for this pool
+            return None, _digest(raw)
+        try:
+            return self._new_block(key, raw), None
+        except (_NoRoom, OSError):  # full or refused: hashing is slower, never wrong
+            return None, _digest(raw)
 
     def _materialise_with_room(self, plan: _Plan, dataset: Any) -> _Update:
         """:meth:`materialise`, planning again with buffers in-band while they do not fit."""
