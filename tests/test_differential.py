@@ -193,7 +193,7 @@ def test_relabelling_a_few_labels_in_place_always_reaches_the_workers(method):
     rng = np.random.default_rng(0)
     ds = TreeDataset({"labels": np.zeros(2_000_000, dtype=np.int64)}, n=2)
     with OrderedPool(ds, workers=2, start_method=method, timeout=120) as pool:
-        for epoch in range(20):
+        for _epoch in range(20):
             at = rng.choice(2_000_000, size=50, replace=False)
             ds.tree["labels"][at] += 1
             report = pool.update_dataset(ds)

@@ -396,6 +396,33 @@ def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatc
     assert shm_entries() == []
 
 
+def test_fork_without_memory_for_the_copy_hashes_and_still_finds_a_sparse_write(monkeypatch):
+    """Fork, the copy over the memory budget: a SHA-256 at the fork; a one-element write
+    after it still sends the buffer (whole, into a new block), and exactly once."""
+    from compatmp import _shared_data
+
+    monkeypatch.setattr(_shared_data, "_copy_budget", lambda: BIG * 8 - 1)  # one byte short
+    x = np.zeros(BIG)
+    sharer = DatasetSharer(inherit=True)
+    sharer.check([x])
+    try:
+        assert sharer.start(_shm.block_prefix(os.getpid(), "t005"), [x])[0] is x
+        assert sharer.block_names() == []  # hashed, not copied
+        assert sharer.update([x]) is None  # unchanged: the digest matches
+        x[BIG - 1] = 2.0  # the last element, written after the fork
+        update = sharer.update([x])
+        assert update is not None and update.report.changed_buffers == 1
+        assert update.report.bytes_copied == BIG * 8  # no copy of the old pages: all of it
+        (ref,) = update.payload.buffers
+        assert ref.name in sharer.block_names()  # the workers now map the block
+        sharer.commit(update)
+        np.testing.assert_array_equal(update.payload.load()[0], x)
+        assert sharer.update([x]) is None
+    finally:
+        sharer.close()
+    assert shm_entries() == []
+
+
 def test_the_worker_loads_any_worker_payload_by_its_load_method():
     from compatmp._preload import WorkerPayload
     from compatmp._worker import _materialize
