@@ -13,8 +13,9 @@ however many workers, and the arrays are as writable as in the main process.
 NOTE [ Shared dataset buffers ]
 Ownership. The blocks belong to the MAIN process (unlike batch blocks, which belong to the
 worker that fills them, NOTE [ Shared-memory ownership ] in :mod:`compatmp._shm`): created
-when the pool sends the dataset, unlinked by :meth:`DatasetSharer.close` when the pool closes,
-shuts down after an error or is garbage collected (``_Core.close``), and at
+when the pool sends the dataset (under fork: just before the fork, "Fork" below), unlinked
+by :meth:`DatasetSharer.close` when the pool closes, shuts down after an error or is garbage
+collected (``_Core.close``), and at
 :meth:`DatasetSharer.commit` for the blocks the new state no longer names. Their names start
 with the pool's batch-block prefix (:func:`compatmp._shm.block_prefix`), so the pool's sweep
 finds them too; if the main process is killed, ``multiprocessing``'s resource tracker, with
@@ -58,8 +59,9 @@ the workers do not map. An update compares each buffer with that block exactly, 
 spawn; an unchanged buffer goes as an *inherited* reference (``BufferRef.name == ""``: its
 identity key, whose data address is valid in the forked worker too; the owner is kept in
 :data:`_inherited`), which the worker rebuilds as a view of its own copy-on-write pages
-(:func:`_inherited_view`), its writes included. A changed buffer has its differing pieces
-patched into the block, and from then on the workers map the block (``_Entry.inherited``
+(:func:`_inherited_view`), its writes included. A changed buffer (its bytes, or only its
+writable flag) has its differing pieces patched into the block, and from then on the workers
+map the block (``_Entry.inherited``
 False), dropping their own writes to that buffer exactly as a spawn worker re-mapping a
 changed block does. Where the copy does not fit (``/dev/shm``'s room, or more than half
 the memory available at the fork, :func:`_copy_budget`) the sharer records a SHA-256 of the
@@ -575,8 +577,9 @@ class DatasetSharer:
                             entry.writeable = p.writeable
                             changed += n > 0
                             copied += n
-                        if n:
-                            entry.inherited = False  # fork: the workers now map the block
+                            # fork: the workers now map the block afresh, as a spawn worker
+                            # does at a new version (their own writes to it go)
+                            entry.inherited = False
                     elif _digest(raw) != entry.digest:  # inherited, written since the fork
                         entry.block = self._new_block(p.key, raw)
                         entry.digest = None

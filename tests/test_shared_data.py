@@ -144,6 +144,12 @@ def test_fork_workers_inherit_the_dataset_and_the_main_keeps_a_copy_to_compare()
         assert sorted(b["value"] for bs in seen.values() for b in bs) == [
             float(v) for v in range(8)
         ]
+        ds.x.setflags(write=False)  # only the flag: the workers re-map, as a spawn worker does
+        report = pool.update_dataset(ds)
+        assert report.sent and report.bytes_copied == 0
+        for batches in _by_worker(pool, 8).values():
+            for b in batches:
+                assert b["writeable"] is False and (b["file"] or "").startswith("/dev/shm")
 
 
 @pytest.mark.timeout(90)
