@@ -13,8 +13,9 @@ however many workers, and the arrays are as writable as in the main process.
 NOTE [ Shared dataset buffers ]
 Ownership. The blocks belong to the MAIN process (unlike batch blocks, which belong to the
 worker that fills them, NOTE [ Shared-memory ownership ] in :mod:`compatmp._shm`): created
-when the pool sends the dataset, unlinked by :meth:`DatasetSharer.close` when the pool closes,
-shuts down after an error or is garbage collected (``_Core.close``), and at
+when the pool sends the dataset (under fork: just before the fork, "Fork" below), unlinked
+by :meth:`DatasetSharer.close` when the pool closes, shuts down after an error or is garbage
+collected (``_Core.close``), and at
 :meth:`DatasetSharer.commit` for the blocks the new state no longer names. Their names start
 with the pool's batch-block prefix (:func:`compatmp._shm.block_prefix`), so the pool's sweep
 finds them too; if the main process is killed, ``multiprocessing``'s resource tracker, with
@@ -46,21 +47,42 @@ block whose version changed and unpickles the small part again, so it holds exac
 process's state, never a mix. The digest of the small pickle plus every buffer's (name,
 version, writeable) decides whether anything is sent; :class:`DatasetUpdate` says what was.
 Cost: one read of every big buffer and its block per update (linear in the dataset's size,
-~0.1 s per GiB here) plus the changed chunks' copy. We chose copies over per-chunk digests:
+~0.1-0.25 s per GiB here) plus the changed chunks' copy. We chose copies over per-chunk digests:
 the blocks exist anyway (no extra memory), the comparison is exact, and it is several times
 faster than hashing (SHA-256 ~1.7 GB/s, BLAKE2b ~0.9 GB/s here).
 
-Fork. Under ``fork`` the workers inherit the dataset object itself (no pickle, no block,
-nothing copied: the pages are shared copy-on-write). There is no last-sent copy to compare
-with, so before the fork the sharer records a SHA-256 digest of each inherited buffer (the
-only non-exact comparison here: a collision by accident is ~2**-128 likely) and registers its
-owner in :data:`_inherited`. An update sends an unchanged inherited buffer as an *inherited*
-reference (``BufferRef.name == ""``: its identity key, whose data address is valid in the
-forked worker too), which the worker rebuilds as a view of its own copy-on-write pages
-(:func:`_inherited_view`); a buffer whose digest changed (the main wrote pages after the
-fork, which are not in the workers' copies) goes into a block once, and is compared exactly
-from then on. Cost: hashing every inherited buffer before the fork and at each update
-(~0.3 s per 512 MiB here).
+Fork. Under ``fork`` the workers inherit the dataset object itself (no pickle: the pages
+are shared copy-on-write), and pages the main process writes after the fork are not in
+their copies. Just before the fork the sharer copies each big buffer into a block
+(:meth:`DatasetSharer._fork_copy`): the main process's copy of what the workers have, which
+the workers do not map. An update compares each buffer with that block exactly, as under
+spawn; an unchanged buffer goes as an *inherited* reference (``BufferRef.name == ""``: its
+identity key, whose data address is valid in the forked worker too; the owner is kept in
+:data:`_inherited`), which the worker rebuilds as a view of its own copy-on-write pages
+(:func:`_inherited_view`), its writes included. A changed buffer (its bytes, or only its
+writable flag) has its differing pieces patched into the block, and from then on the workers
+map the block (``_Entry.inherited``
+False), dropping their own writes to that buffer exactly as a spawn worker re-mapping a
+changed block does. Where the copy does not fit (``/dev/shm``'s room, or more than half
+the memory available at the fork, :func:`_copy_budget`) the sharer records a SHA-256 of the
+buffer instead (a collision by accident is ~2**-128 likely), re-hashes it at every update,
+and copies it into a block, whole, at its first change.
+
+Measured (512 MiB float32, 2 workers, loaded 2-vCPU machine; ``benchmarks/RESULTS.md``): the
+copy costs ~0.4 s before the fork (SHA-256: 0.31 s) and one more copy of the buffers in
+memory (what spawn and forkserver hold too); an unchanged update then takes 0.06 s (SHA-256:
+0.63 s) and a one-element change 0.13 s (SHA-256: 1.6-3.1 s at a buffer's first change, a
+whole-buffer copy into a fresh block). Rejected: a lazy copy at the first update (by then
+the main process may have written pages: the copy would not be what the workers have);
+a 32-bit checksum per piece (``zlib.crc32`` 0.17 s, ``adler32`` 0.18 s per 512 MiB: only
+2x faster than SHA-256 and not exact, a change slips through with probability 2**-32 per
+changed piece); BLAKE2b (0.76 s, slower than SHA-256 with SHA-NI); the kernel's soft-dirty
+bits (``/proc/self/clear_refs`` + ``/proc/self/pagemap`` bit 55: exact write tracking, no
+reading) need ``CONFIG_MEM_SOFT_DIRTY`` (not set here: the bit never rose, as root or as
+nobody), exist on x86-64, POWER and s390 only (not arm64), and ``clear_refs`` resets the
+whole process, so a second pool, or a checkpointer such as CRIU, would erase the first
+pool's record; userfaultfd write-protection needs ``vm.unprivileged_userfaultfd`` (0 here)
+or ``CAP_SYS_PTRACE`` and a thread serving every first write of the main process.
 
 Where blocks do not fit (``/dev/shm`` nearly full, e.g. Docker's 64 MB default;
 :func:`compatmp._shm.room`), the buffer is pickled in-band: slower, never wrong.
@@ -304,6 +326,19 @@ def _digest(raw: memoryview) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
+def _copy_budget() -> int:
+    """Bytes the fork-time copies may take: half the memory available now (``psutil``'s
+    ``virtual_memory().available``; the copies live in ``/dev/shm``, i.e. in RAM), so a
+    dataset near the machine's memory is hashed instead of doubled (NOTE [ Shared dataset
+    buffers ], "Fork")."""
+    import psutil
+
+    try:
+        return psutil.virtual_memory().available // 2
+    except (OSError, RuntimeError):  # unreadable: /dev/shm's own room still limits the copy
+        return 1 << 62
+
+
 def _identity(raw: memoryview, pb: PickleBuffer) -> tuple[Any, tuple]:
     owner = memoryview(pb).obj
     while isinstance(owner, np.ndarray) and owner.base is not None:
@@ -335,7 +370,10 @@ class _Entry:
     writeable: bool
     version: int
     block: SharedMemory | None = None
-    digest: bytes | None = None  # inherited (fork): SHA-256 of the pages the workers have
+    digest: bytes | None = None  # inherited (fork), no room for a block: SHA-256 at the fork
+    # Fork: the workers still use their inherited pages (the block, if any, is only the main
+    # process's copy of them); False once they were sent the block.
+    inherited: bool = False
 
 
 @dataclass
@@ -539,9 +577,13 @@ class DatasetSharer:
                             entry.writeable = p.writeable
                             changed += n > 0
                             copied += n
+                            # fork: the workers now map the block afresh, as a spawn worker
+                            # does at a new version (their own writes to it go)
+                            entry.inherited = False
                     elif _digest(raw) != entry.digest:  # inherited, written since the fork
                         entry.block = self._new_block(p.key, raw)
                         entry.digest = None
+                        entry.inherited = False
                         entry.version = next(self._versions)
                         entry.writeable = p.writeable
                         changed += 1
@@ -551,10 +593,11 @@ class DatasetSharer:
                         entry.writeable = p.writeable
                 done.add(p.key)
                 version, writeable = entry.version, entry.writeable
-                if entry.block is not None:
-                    refs.append(BufferRef(entry.block.name, p.nbytes, version, writeable))
-                else:
+                if entry.inherited:
                     refs.append(BufferRef("", p.nbytes, version, writeable, p.key))
+                else:
+                    assert entry.block is not None
+                    refs.append(BufferRef(entry.block.name, p.nbytes, version, writeable))
             payload = SharedPayload(plan.data, tuple(refs), plan.modules)
             report = DatasetUpdate(True, len(plan.data), len(done), changed, copied)
             return _Update(payload, [p.key for p in plan.buffers], report)
@@ -600,15 +643,18 @@ class DatasetSharer:
         plan = self._pending if self._pending is not None else self.plan(dataset)
         self._pending = None
         if self.inherit:
+            budget = _copy_budget()
             try:
                 for p in plan.buffers:
                     if p.key in self._entries:
                         continue
                     with p.buffer.raw() as raw:  # before the fork: what the workers will have
-                        digest = _digest(raw)
+                        block, digest = self._fork_copy(p.key, raw, budget)
+                    if block is not None:
+                        budget -= p.nbytes
                     version = next(self._versions)
                     self._entries[p.key] = _Entry(
-                        p.owner, p.nbytes, p.writeable, version, digest=digest
+                        p.owner, p.nbytes, p.writeable, version, block, digest, inherited=True
                     )
                     _inherited[p.key] = p.owner  # the workers inherit the owners alive
                 self._sent_data = hashlib.blake2b(plan.data).digest()
@@ -620,6 +666,25 @@ class DatasetSharer:
         update = self._materialise_with_room(plan, dataset)
         self.commit(update)
         return update.payload
+
+    def _fork_copy(
+        self, key: tuple, raw: memoryview, budget: int
+    ) -> tuple[SharedMemory | None, bytes | None]:
+        """What the main process keeps of an inherited buffer, taken just before the fork.
+
+        A copy in a block when ``/dev/shm`` has room and the copy fits in ``budget`` bytes
+        (compared at memcmp speed later, and the workers' copy once the buffer changes), else
+        a SHA-256 digest (NOTE [ Shared dataset buffers ], "Fork").
+
+        Returns:
+            tuple[SharedMemory | None, bytes | None]: ``(block, None)`` or ``(None, digest)``.
+        """
+        if self.prefix is None or raw.nbytes > budget:  # no shared memory, or no memory
+            return None, _digest(raw)
+        try:
+            return self._new_block(key, raw), None
+        except (_NoRoom, OSError):  # full or refused: hashing is slower, never wrong
+            return None, _digest(raw)
 
     def _materialise_with_room(self, plan: _Plan, dataset: Any) -> _Update:
         """:meth:`materialise`, planning again with buffers in-band while they do not fit."""

@@ -121,18 +121,20 @@ def test_a_workers_write_stays_in_that_worker_under_every_start_method(method):
 
 
 @pytest.mark.timeout(60)
-def test_fork_workers_inherit_the_dataset_without_a_block():
+def test_fork_workers_inherit_the_dataset_and_the_main_keeps_a_copy_to_compare():
+    """Fork: the workers use their inherited pages; the block is the main process's copy."""
     if "fork" not in PROCESS_METHODS:
         pytest.skip("no fork here")
     ds = BigArrayDataset()
     with OrderedPool(ds, workers=2, start_method="fork") as pool:
-        assert pool._sharer.block_names() == []
+        assert len(pool._sharer.block_names()) == 1  # x as it was at the fork
+        assert shm_entries() == pool._sharer.block_names()
         batches = [b for bs in _by_worker(pool, 8).values() for b in bs]
         assert all(b["writeable"] for b in batches)  # the inherited (copy-on-write) array
-        assert shm_entries() == []
+        assert all(not (b["file"] or "").startswith("/dev/shm") for b in batches)
         ds.on_epoch_end()  # a small change: the big array is referenced, not sent
         assert pool.update_dataset(ds).bytes_copied == 0
-        assert pool._sharer.block_names() == [] and shm_entries() == []
+        assert len(pool._sharer.block_names()) == 1
         seen = _by_worker(pool, 8)
         assert len(seen) == 2
         for batches in seen.values():
@@ -142,11 +144,39 @@ def test_fork_workers_inherit_the_dataset_without_a_block():
         assert sorted(b["value"] for bs in seen.values() for b in bs) == [
             float(v) for v in range(8)
         ]
-        ds.x[3] = -5.0  # written after the fork: not in the workers' pages, so sent
+        ds.x.setflags(write=False)  # only the flag: the workers re-map, as a spawn worker does
         report = pool.update_dataset(ds)
-        assert report.changed_buffers == 1 and len(pool._sharer.block_names()) == 1
-        values = sorted(b["value"] for bs in _by_worker(pool, 8).values() for b in bs)
-        assert values[0] == -5.0
+        assert report.sent and report.bytes_copied == 0
+        for batches in _by_worker(pool, 8).values():
+            for b in batches:
+                assert b["writeable"] is False and (b["file"] or "").startswith("/dev/shm")
+
+
+@pytest.mark.timeout(90)
+def test_fork_a_sparse_write_after_the_fork_is_seen_by_every_worker():
+    """issue 17.1 under fork: pages the main process wrote after the fork are not in the
+    workers' copies; the update finds each one-element write and patches only its piece."""
+    if "fork" not in PROCESS_METHODS:
+        pytest.skip("no fork here")
+    ds = BigArrayDataset(n_batches=8)
+    ds.order = np.array([0, 3, BIG // 2, BIG - 1, 1, 2, 4, 5])
+    expected = ds.x.copy()
+    with OrderedPool(ds, workers=2, start_method="fork") as pool:
+        list(pool.imap(range(8)))  # the workers run and hold the inherited pages
+        for position, value in [(3, -5.0), (BIG - 1, -7.0), (BIG // 2, 0.25), (3, 1e9)]:
+            ds.x[position] = value  # one element, written in place after the fork
+            expected[position] = value
+            report = pool.update_dataset(ds)
+            assert report.sent and report.changed_buffers == 1
+            assert 0 < report.bytes_copied <= CHUNK  # the piece, not the 4.8 MB buffer
+            seen = _by_worker(pool, 8)
+            assert len(seen) == 2  # both workers answered
+            for batches in seen.values():
+                for b in batches:
+                    assert (b["file"] or "").startswith("/dev/shm")  # the block, remapped
+            got = sorted(b["value"] for bs in seen.values() for b in bs)
+            assert got == sorted(float(v) for v in expected[ds.order])
+            assert not pool.update_dataset(ds).sent  # the same again: nothing to send
 
 
 def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
@@ -351,13 +381,12 @@ def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatc
     """No room for a block (Docker's 64 MB /dev/shm): the buffer travels in the pickle."""
     x = np.zeros(BIG)
     sharer = DatasetSharer(inherit=inherit)
-    if not inherit:  # no room from the start
-        monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+    monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)  # no room from the start
     sharer.check([x])
     try:
         first = sharer.start(_shm.block_prefix(os.getpid(), "t004"), [x])
-        if inherit:  # forked workers inherited it; no room once it must go to a block
-            monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)
+        if inherit:  # forked workers inherit it; no copy at the fork: a SHA-256 instead
+            assert first[0] is x and sharer.block_names() == []
         else:
             assert first.buffers == () and len(first.data) > BIG * 8
         x[123] = 4.0  # a sparse write (fork: after the fork)
@@ -368,6 +397,33 @@ def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatc
         assert sharer.block_names() == [] and shm_entries() == []
         np.testing.assert_array_equal(update.payload.load()[0], x)
         assert sharer.update([x]) is None  # exact in-band: unchanged is not re-sent
+    finally:
+        sharer.close()
+    assert shm_entries() == []
+
+
+def test_fork_without_memory_for_the_copy_hashes_and_still_finds_a_sparse_write(monkeypatch):
+    """Fork, the copy over the memory budget: a SHA-256 at the fork; a one-element write
+    after it still sends the buffer (whole, into a new block), and exactly once."""
+    from compatmp import _shared_data
+
+    monkeypatch.setattr(_shared_data, "_copy_budget", lambda: BIG * 8 - 1)  # one byte short
+    x = np.zeros(BIG)
+    sharer = DatasetSharer(inherit=True)
+    sharer.check([x])
+    try:
+        assert sharer.start(_shm.block_prefix(os.getpid(), "t005"), [x])[0] is x
+        assert sharer.block_names() == []  # hashed, not copied
+        assert sharer.update([x]) is None  # unchanged: the digest matches
+        x[BIG - 1] = 2.0  # the last element, written after the fork
+        update = sharer.update([x])
+        assert update is not None and update.report.changed_buffers == 1
+        assert update.report.bytes_copied == BIG * 8  # no copy of the old pages: all of it
+        (ref,) = update.payload.buffers
+        assert ref.name in sharer.block_names()  # the workers now map the block
+        sharer.commit(update)
+        np.testing.assert_array_equal(update.payload.load()[0], x)
+        assert sharer.update([x]) is None
     finally:
         sharer.close()
     assert shm_entries() == []
