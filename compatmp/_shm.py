@@ -913,8 +913,19 @@ def names(encoded: Any) -> list[str]:
     Returns:
         list[str]: block names, in walk order; empty when there are none.
     """
+    # The same containers as _walk, without rebuilding them: the main process calls this for
+    # every batch (Transport.blocks_of), tiny ones included (issue 18 item 4).
     found: list[str] = []
-    _walk(encoded, lambda x: found.append(x.name) if type(x) is ShmArray else None)
+    stack = [encoded]
+    while stack:
+        obj = stack.pop()
+        cls = type(obj)
+        if cls is ShmArray:
+            found.append(obj.name)
+        elif cls is tuple or cls is list or (isinstance(obj, tuple) and hasattr(cls, "_fields")):
+            stack.extend(reversed(obj))
+        elif cls is dict:
+            stack.extend(reversed(list(obj.values())))
     return found
 
 
