@@ -636,6 +636,24 @@ class BlockPool:
         self.free.extend(self.allocated.values())
         self.allocated.clear()
 
+    def _new_bytes(self, sizes: list[int]) -> int:
+        """Bytes of new blocks that arrays of ``sizes`` bytes need, given the free list.
+
+        Matches each size, largest first, with the free block :meth:`_block` would pick
+        (the smallest of ``size`` to ``2 * size`` bytes), so free blocks of other sizes - the
+        free list keeps up to :attr:`max_kept` - never hide a block that must be created
+        (and could not fit in ``/dev/shm``).
+        """
+        free = sorted(b.size for b in self.free)
+        needed = 0
+        for size in sorted(sizes, reverse=True):
+            fit = next((i for i, f in enumerate(free) if size <= f <= 2 * size), None)
+            if fit is None:
+                needed += size
+            else:
+                del free[fit]
+        return needed
+
     def encode(self, batch: Any, key: Any) -> Any:
         """Move the big arrays of ``batch`` into blocks held under ``key`` until released.
 
@@ -662,7 +680,7 @@ class BlockPool:
         _walk(batch, lambda x: big.append(x.nbytes) if self._wants(x) else None)
         if not big:
             return batch
-        needed = sum(big) - sum(b.size for b in self.free)  # reused blocks need no new space
+        needed = self._new_bytes(big)  # reused blocks need no new space
         free = _shm_free_bytes() if needed > 0 else None
         if free is not None and needed + _SHM_HEADROOM > free:
             return batch  # would not fit: SIGBUS on write. The pipe is slower but safe.

@@ -146,6 +146,24 @@ def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch
     assert shm_entries() == []
 
 
+def test_free_blocks_of_other_sizes_do_not_hide_a_full_shm_filesystem(prefix, monkeypatch):
+    # The free list keeps up to max_kept blocks; ten small ones (3 MB in all) must not
+    # count as room for an 8 MB array that needs a new block.
+    blocks = _shm.BlockPool(prefix, max_free=10)
+    small = np.ones(300_000 // 8)
+    for k in range(10):
+        blocks.encode((small,), key=k)
+    for k in range(10):
+        blocks.release(k)
+    assert len(blocks.free) == 10
+    monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: _shm._SHM_HEADROOM + 6_000_000)
+    batch = (np.ones(1_000_000),)
+    assert blocks.encode(batch, key=10) is batch  # stays in the pipe: no SIGBUS
+    assert blocks.created == 10 and len(blocks.free) == 10
+    assert blocks._new_bytes([300_000] * 10) == 0 and blocks._new_bytes([300_000] * 11) == 300_000
+    blocks.close()
+
+
 def _mapped_blocks(prefix: str) -> int:
     """Mappings of this process onto blocks named ``prefix...`` (Linux: /proc/self/maps)."""
     with open("/proc/self/maps") as f:
