@@ -246,6 +246,10 @@ class _Core:
         with self.io_lock:
             if self.closed:
                 raise _PoolClosed
+            # Releases first: a worker reads its messages in order, and a task ahead of the
+            # releases of the batches the consumer already dropped (the previous epoch's tail)
+            # would make it create blocks it has free (issue 18 item 3).
+            self._send_releases()
             return self._dispatch(index, pass_number)
 
     def _dispatch(self, index: Any, pass_number: int = 0) -> int:

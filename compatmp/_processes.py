@@ -40,6 +40,11 @@ KILL_TIMEOUT = 5.0
 POLL_INTERVAL = 0.1
 
 
+def _fds_of(h: Any) -> tuple[int, int]:
+    """A process handle's pipe descriptor and sentinel, in that order."""
+    return h.channel.conn.fileno(), h.proc.sentinel
+
+
 class ProcessHandle(WorkerHandle):
     """The main side's view of one worker process.
 
@@ -98,6 +103,10 @@ class ProcessTransport(Transport):
             _shm.ensure_tracker()
         self.shm_prefix = _shm.block_prefix(os.getpid(), _shm.pool_token())
         _shm.sweep_dead_owners()
+        # wait(): the poll object of the last set of handles (issue 18 item 4)
+        self._poll_key: tuple | None = None
+        self._poll_fds: dict[int, tuple[WorkerHandle, bool]] = {}
+        self._poller: _worker.FdPoll | None = None
 
     def start(self, configs: list[_worker.WorkerConfig]) -> None:
         # Stack files are made first: the config a process starts with names its file.
@@ -136,6 +145,17 @@ class ProcessTransport(Transport):
     def wait(
         self, handles: list[WorkerHandle], timeout: float
     ) -> tuple[list[WorkerHandle], list[WorkerHandle]]:
+        if _worker.FdPoll.supported():  # one poll object while the handles stay the same
+            key = tuple((id(h), h.channel.conn.fileno(), h.proc.sentinel) for h in handles)
+            if key != self._poll_key:
+                fds = {fd: (h, i == 1) for h in handles for i, fd in enumerate(_fds_of(h))}
+                self._poll_key, self._poll_fds = key, fds
+                self._poller = _worker.FdPoll(list(fds))
+            fds = self._poll_fds
+            ready_fds = self._poller.ready(timeout)
+            readable = [fds[fd][0] for fd in ready_fds if not fds[fd][1]]
+            dead = [fds[fd][0] for fd in ready_fds if fds[fd][1]]
+            return readable, dead
         waitables: dict[Any, tuple[WorkerHandle, bool]] = {}
         for h in handles:
             assert isinstance(h, ProcessHandle)

@@ -18,8 +18,13 @@ lookup and a ``weakref.finalize`` per array.
 Blocks are *reused*: creating a block costs more than copying into it, because the kernel must
 allocate and zero every page on first touch (measured here: 15 ms to create and fill a fresh
 19 MB block, 1.1 ms to copy 19 MB into memory already mapped). Each worker keeps the blocks
-the main process has released in a small free list (:data:`MAX_FREE_BLOCKS`) and fills them
-again for later batches of the same size.
+the main process has released in a free list and fills them again for later batches of the
+same size. The free list holds as many blocks as the worker once had in use at the same time
+(its prefetch depth), at least :data:`MAX_FREE_BLOCKS` and at most :data:`MAX_KEPT_BLOCKS`:
+a fixed cap of 4 made a worker whose pipeline holds ~11 batches unlink 7 blocks at the end of
+every epoch and create them again at the start of the next (measured: 14 block creations
+per 100 batches of 19 MB, 2.4 ms per batch of a 2.5 ms batch; see benchmarks/RESULTS.md,
+"Big batches filled in place").
 
 NOTE [ Shared-memory ownership ]
 A block belongs to the worker that created it, for its whole life; only that worker unlinks
@@ -113,6 +118,7 @@ import numpy as np
 
 __all__ = [
     "MAX_FREE_BLOCKS",
+    "MAX_KEPT_BLOCKS",
     "SHM_THRESHOLD",
     "Attachments",
     "Block",
@@ -138,10 +144,16 @@ __all__ = [
 # attaching a mapping); 256 KiB keeps labels, masks and small feature arrays in the pipe.
 SHM_THRESHOLD = 256 * 1024
 
-# Released blocks a worker keeps for reuse. Batches of one dataset usually have the same
-# arrays each time, and the main process releases a batch's blocks as soon as it has copied it,
-# so a few blocks cycle; the bound caps the idle memory a worker holds at 4 blocks.
+# Released blocks a worker always may keep for reuse. Batches of one dataset usually have the
+# same arrays each time, so the same blocks cycle.
 MAX_FREE_BLOCKS = 4
+
+# ... and at most this many: a worker keeps as many released blocks as it had in use at once
+# (the batches in flight: prefetched, queued, held by the consumer), so that the next epoch
+# finds its whole pipeline's blocks mapped and faulted in (creating a 19 MB block and touching
+# it costs 15-17 ms here, refilling a mapped one 0.5 ms). The cap bounds the idle memory
+# a consumer that once held many batches leaves behind: 16 blocks per worker.
+MAX_KEPT_BLOCKS = 16
 
 # Where Linux (and other systems with a POSIX shm filesystem) list shared-memory blocks as
 # files. Absent on macOS and Windows: :func:`sweep` then finds nothing and the free-space check
@@ -552,15 +564,28 @@ class BlockPool:
         prefix (str): block name prefix, from :func:`block_prefix`.
         threshold (int): minimum array size in bytes that goes through shared memory
             (default: :data:`SHM_THRESHOLD`, 256 KiB).
-        max_free (int): released blocks kept for reuse (default: :data:`MAX_FREE_BLOCKS`).
+        max_free (int): released blocks always kept for reuse (default:
+            :data:`MAX_FREE_BLOCKS`); 0 keeps none (every released block is unlinked).
+        max_kept (int): released blocks kept at most (default: :data:`MAX_KEPT_BLOCKS`).
+            Between ``max_free`` and ``max_kept`` the pool keeps as many as it ever had in use
+            at the same time (:attr:`peak`), so that blocks are not unlinked at the end of an
+            epoch and created again at the start of the next.
     """
 
     def __init__(
-        self, prefix: str, threshold: int = SHM_THRESHOLD, max_free: int = MAX_FREE_BLOCKS
+        self,
+        prefix: str,
+        threshold: int = SHM_THRESHOLD,
+        max_free: int = MAX_FREE_BLOCKS,
+        max_kept: int = MAX_KEPT_BLOCKS,
     ) -> None:
         self.prefix = prefix
         self.threshold = threshold
         self.max_free = max_free
+        self.max_kept = max(max_kept, max_free)
+        self.n_in_use = 0  # blocks held under some key (sum of len(v) for in_use's values)
+        self.peak = 0  # the most blocks ever in use at once
+        self.created = 0  # blocks created (for tests and the benchmark's breakdown)
         self.free: collections.deque[Block | SharedMemory] = collections.deque()
         self.in_use: dict[Any, list[Block | SharedMemory]] = {}
         self.dropped: list[str] = []  # unlinked since the last take_dropped()
@@ -582,6 +607,7 @@ class BlockPool:
             best = min(fits, key=lambda b: b.size)
             self.free.remove(best)
             return best
+        self.created += 1
         return create_block(self.prefix, size)
 
     def allocate(self, shape: tuple[int, ...], dtype: Any, order: str = "C") -> np.ndarray:
@@ -610,6 +636,24 @@ class BlockPool:
         self.free.extend(self.allocated.values())
         self.allocated.clear()
 
+    def _new_bytes(self, sizes: list[int]) -> int:
+        """Bytes of new blocks that arrays of ``sizes`` bytes need, given the free list.
+
+        Matches each size, largest first, with the free block :meth:`_block` would pick
+        (the smallest of ``size`` to ``2 * size`` bytes), so free blocks of other sizes - the
+        free list keeps up to :attr:`max_kept` - never hide a block that must be created
+        (and could not fit in ``/dev/shm``).
+        """
+        free = sorted(b.size for b in self.free)
+        needed = 0
+        for size in sorted(sizes, reverse=True):
+            fit = next((i for i, f in enumerate(free) if size <= f <= 2 * size), None)
+            if fit is None:
+                needed += size
+            else:
+                del free[fit]
+        return needed
+
     def encode(self, batch: Any, key: Any) -> Any:
         """Move the big arrays of ``batch`` into blocks held under ``key`` until released.
 
@@ -636,7 +680,7 @@ class BlockPool:
         _walk(batch, lambda x: big.append(x.nbytes) if self._wants(x) else None)
         if not big:
             return batch
-        needed = sum(big) - sum(b.size for b in self.free)  # reused blocks need no new space
+        needed = self._new_bytes(big)  # reused blocks need no new space
         free = _shm_free_bytes() if needed > 0 else None
         if free is not None and needed + _SHM_HEADROOM > free:
             return batch  # would not fit: SIGBUS on write. The pipe is slower but safe.
@@ -665,18 +709,26 @@ class BlockPool:
             self.free.extend(taken)
             raise
         self.in_use[key] = taken
+        self.n_in_use += len(taken)
+        self.peak = max(self.peak, self.n_in_use)
         return encoded
 
     def release(self, key: Any) -> None:
         """The main process is done with the blocks of ``key``: keep them for reuse.
 
-        Blocks beyond :attr:`max_free` are unlinked, oldest first. Unknown keys are ignored.
+        The free list keeps :attr:`max_free` blocks, or as many as were ever in use at once
+        (:attr:`peak`) less those in use now, but never more than :attr:`max_kept`; blocks
+        beyond are unlinked, oldest first. Unknown keys are ignored.
 
         Args:
             key (object): as passed to :meth:`encode`.
         """
-        self.free.extend(self.in_use.pop(key, ()))
-        while len(self.free) > self.max_free:
+        back = self.in_use.pop(key, ())
+        self.n_in_use -= len(back)
+        self.free.extend(back)
+        keep = 0 if self.max_free == 0 else max(self.max_free, self.peak - self.n_in_use)
+        keep = min(keep, self.max_kept)
+        while len(self.free) > keep:
             shm = self.free.popleft()
             self.dropped.append(shm.name)
             unlink_block(shm)
@@ -698,6 +750,7 @@ class BlockPool:
         self.allocated.clear()
         self.free.clear()
         self.in_use.clear()
+        self.n_in_use = 0
         for shm in blocks:
             unlink_block(shm)
 
@@ -878,8 +931,19 @@ def names(encoded: Any) -> list[str]:
     Returns:
         list[str]: block names, in walk order; empty when there are none.
     """
+    # The same containers as _walk, without rebuilding them: the main process calls this for
+    # every batch (Transport.blocks_of), tiny ones included (issue 18 item 4).
     found: list[str] = []
-    _walk(encoded, lambda x: found.append(x.name) if type(x) is ShmArray else None)
+    stack = [encoded]
+    while stack:
+        obj = stack.pop()
+        cls = type(obj)
+        if cls is ShmArray:
+            found.append(obj.name)
+        elif cls is tuple or cls is list or (isinstance(obj, tuple) and hasattr(cls, "_fields")):
+            stack.extend(reversed(obj))
+        elif cls is dict:
+            stack.extend(reversed(list(obj.values())))
     return found
 
 

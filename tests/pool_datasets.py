@@ -318,6 +318,28 @@ class BigArrayDataset:
         return np.full(self.shape, i, dtype=np.float32)
 
 
+class EmptyFillDataset:
+    """``dataset[i]`` is a ``compatmp.empty`` float32 array of ``shape`` filled with ``i``.
+
+    Built in place, as the big-batch benchmark's trivial fill does: in a worker process the
+    array is born in one of the worker's reusable shared-memory blocks.
+    """
+
+    def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        self.n = n
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        import compatmp
+
+        x = compatmp.empty(self.shape, np.float32)
+        x[...] = i
+        return x
+
+
 class BusyAfterDataset:
     """A 1 MiB array per index; indices >= ``busy_from`` first sleep ``seconds``."""
 

@@ -180,3 +180,39 @@ def test_targets_report_met_and_not_met():
     assert own["verdict"] == "MET" and own["measured"] == 150.0
     assert verdict("gil, 2 workers: fit-compatmp-auto vs")["verdict"] == "not measured"
     assert verdict("first batch")["verdict"] == "not measured"
+
+
+@pytest.mark.timeout(150)
+def test_fill_workload_counts_blocks_and_reuses_them_in_the_second_epoch():
+    # The trivial-fill workload (issue 18 item 3): one pool, two epochs; every batch is
+    # checked against its index inside run_one. Epoch 2 finds epoch 1's blocks (the free
+    # list keeps the pipeline's peak), threads have none.
+    from compatmp.bench import fill
+
+    # The first epoch creates the pipeline's blocks (~10: queue depth 10 over 2 workers);
+    # later ones at most one per worker as a worker's in-flight peak grows by chance. With
+    # a fixed free list of 4 every epoch created 2-7 again (measured).
+    shape = fill.QUICK_SHAPE
+    proc = fill.run_one("spawn", 12, shape, epochs=4)
+    new = [e["new_blocks"] for e in proc["epochs"]]
+    assert new[0] >= 4 and sum(new[1:]) <= 2, new
+    assert all(e["ms"] > 0 and e["cpu_ms"] >= 0 for e in proc["epochs"])
+    thread = fill.run_one("thread", 3, shape)
+    assert [e["new_blocks"] for e in thread["epochs"]] == [0, 0]
+
+
+@pytest.mark.timeout(300)
+def test_fill_cli_prints_one_row_per_method():
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compatmp.bench.fill", "--quick", "--methods", "thread", "fork"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| thread", "| fork"]
+    assert rows[1].split(" | ")[2] == "1.00"  # threads are the baseline

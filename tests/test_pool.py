@@ -47,6 +47,7 @@ from compatmp import (
     _launch,
     dumps,
 )
+from compatmp import _worker as _worker_mod
 from compatmp._pool import OrderedPool
 from compatmp._shm import MAX_FREE_BLOCKS
 from compatmp._worker import RemoteTraceback, get_worker_info
@@ -630,3 +631,55 @@ def test_forkserver_preload_includes_packages_of_base_classes():
     # Names are looked up, never imported or resolved through a module __getattr__.
     assert _launch._global_bases("no_such_module_xyz", "Thing") == set()
     assert _launch._global_bases("argparse", "no_such_name") == set()
+
+
+@pytest.mark.skipif(not _worker_mod.FdPoll.supported(), reason="select.poll is POSIX only")
+@pytest.mark.timeout(60)
+def test_fd_poll_sees_data_eof_and_waits_out_its_timeout():
+    # FdPoll replaces multiprocessing.connection.wait on the pool's per-batch path: it must
+    # report a readable pipe, a closed writer (so recv raises EOFError) and nothing else.
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    a, b = ctx.Pipe()
+    chan = _worker_mod.ConnectionChannel(a)
+    poll = _worker_mod.FdPoll([a.fileno()])
+    t0 = time.monotonic()
+    assert poll.ready(0.05) == [] and chan.poll(0) is False
+    assert time.monotonic() - t0 >= 0.04  # waited, did not spin
+    b.send(("x", 1))
+    assert poll.ready(0) == [a.fileno()] and chan.poll(0) is True
+    assert chan.recv() == ("x", 1) and chan.poll(0) is False
+    b.close()
+    assert poll.ready(None) == [a.fileno()] and chan.poll(0) is True  # EOF counts as ready
+    with pytest.raises(EOFError):
+        chan.recv()
+    chan.close()
+    with pytest.raises(OSError, match="closed"):
+        chan.poll(0)
+
+
+@pytest.mark.skipif(not _worker_mod.FdPoll.supported(), reason="select.poll is POSIX only")
+@pytest.mark.timeout(60)
+def test_worker_channel_raises_eof_when_its_parent_sentinel_fires():
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    a, b = ctx.Pipe()
+    r, w = os.pipe()  # stands in for the parent's sentinel: readable once the parent is gone
+    try:
+        chan = _worker_mod.ConnectionChannel(a, parent_sentinel=r)
+        assert chan.poll(0) is False
+        b.send(("task",))
+        assert chan.poll(0) is True  # a message first, even when the parent is gone
+        chan.recv()
+        os.close(w)
+        w = None
+        with pytest.raises(EOFError, match="main process is gone"):
+            chan.poll(1.0)
+    finally:
+        os.close(r)
+        if w is not None:
+            os.close(w)
+        a.close()
+        b.close()

@@ -17,6 +17,7 @@ from pool_datasets import (
     ArrayDataset,
     BigArrayDataset,
     BusyAfterDataset,
+    EmptyFillDataset,
     assert_batches_equal,
     sample_batch,
     shm_entries,
@@ -91,14 +92,14 @@ def test_zero_d_non_contiguous_and_fortran_arrays(prefix):
 
 
 def test_released_blocks_are_reused_and_bounded(prefix):
-    blocks = _shm.BlockPool(prefix, max_free=2)
+    blocks = _shm.BlockPool(prefix, max_free=2, max_kept=2)
     a = np.ones((300, 300))
     first = _shm.names(blocks.encode((a, a), key=0))
     blocks.release(0)
     second = _shm.names(blocks.encode((a * 2, a * 3), key=1))
     assert sorted(second) == sorted(first)  # same blocks, new content
     assert_batches_equal(_view(blocks.encode((a * 2,), key=9)), (a * 2,))
-    # Keys 1 and 9 hold three blocks; releasing all keeps only max_free=2 of them.
+    # Keys 1 and 9 hold three blocks; releasing all keeps only max_kept=2 of them.
     blocks.release(1)
     blocks.release(9)
     assert len(shm_entries()) == 2
@@ -107,11 +108,60 @@ def test_released_blocks_are_reused_and_bounded(prefix):
     assert shm_entries() == []
 
 
+def test_free_list_keeps_the_peak_in_use_up_to_max_kept(prefix):
+    # A pipeline that once had 5 blocks in use finds them again after releasing them all
+    # (the next epoch creates nothing); max_kept bounds what an idle worker holds.
+    blocks = _shm.BlockPool(prefix, max_free=1, max_kept=3)
+    a = np.ones((300, 300))
+    first = [_shm.names(blocks.encode((a * k,), key=k))[0] for k in range(5)]
+    assert blocks.peak == 5 and blocks.created == 5
+    for k in range(5):
+        blocks.release(k)
+    assert len(blocks.free) == 3 and len(shm_entries()) == 3
+    assert len(blocks.take_dropped()) == 2
+    again = [_shm.names(blocks.encode((a * k,), key=10 + k))[0] for k in range(3)]
+    assert blocks.created == 5 and set(again) <= set(first)  # reused, none created
+    # Releasing one while two stay in use keeps the pool at its peak, never beyond max_kept.
+    blocks.release(10)
+    assert len(blocks.free) == 1 and blocks.n_in_use == 2
+    blocks.close()
+    assert shm_entries() == [] and blocks.n_in_use == 0
+
+
+def test_max_free_zero_keeps_no_released_block(prefix):
+    blocks = _shm.BlockPool(prefix, max_free=0)
+    a = np.ones((300, 300))
+    for k in range(3):
+        blocks.encode((a,), key=k)
+    for k in range(3):
+        blocks.release(k)
+    assert len(blocks.free) == 0 and shm_entries() == []
+    assert len(blocks.take_dropped()) == 3
+
+
 def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch):
     monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: 10 * 1024 * 1024)
     batch = (np.ones(1_000_000),)
     assert _shm.BlockPool(prefix).encode(batch, key=0) is batch
     assert shm_entries() == []
+
+
+def test_free_blocks_of_other_sizes_do_not_hide_a_full_shm_filesystem(prefix, monkeypatch):
+    # The free list keeps up to max_kept blocks; ten small ones (3 MB in all) must not
+    # count as room for an 8 MB array that needs a new block.
+    blocks = _shm.BlockPool(prefix, max_free=10)
+    small = np.ones(300_000 // 8)
+    for k in range(10):
+        blocks.encode((small,), key=k)
+    for k in range(10):
+        blocks.release(k)
+    assert len(blocks.free) == 10
+    monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: _shm._SHM_HEADROOM + 6_000_000)
+    batch = (np.ones(1_000_000),)
+    assert blocks.encode(batch, key=10) is batch  # stays in the pipe: no SIGBUS
+    assert blocks.created == 10 and len(blocks.free) == 10
+    assert blocks._new_bytes([300_000] * 10) == 0 and blocks._new_bytes([300_000] * 11) == 300_000
+    blocks.close()
 
 
 def _mapped_blocks(prefix: str) -> int:
@@ -267,6 +317,28 @@ def test_held_batches_keep_their_values_and_outlive_the_pool(method):
         assert np.all(batch == i), i
     del held, batch
     assert shm_entries() == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", PROCESS_METHODS)
+def test_a_block_is_never_reused_while_an_array_views_it(method):
+    # Blocks are kept across epochs now (the free list keeps the pipeline's peak): arrays
+    # the consumer keeps - whole batches, and slices of batches it dropped - must keep their
+    # values while later epochs cycle the other blocks (NOTE [ Shared-memory ownership ]).
+    n, shape = 12, (64, 64, 16)  # 256 KiB: just at the threshold, in compatmp.empty blocks
+    ds = EmptyFillDataset(4 * n, shape)
+    kept: dict[int, np.ndarray] = {}
+    with OrderedPool(ds, workers=2, start_method=method, max_queue_size=4) as pool:
+        for epoch in range(4):
+            for i, x in enumerate(pool.imap(range(epoch * n, (epoch + 1) * n))):
+                assert (x == epoch * n + i).all()
+                if i % 4 == epoch:
+                    kept[epoch * n + i] = x if epoch % 2 else x[1:, ::2]  # a derived view
+                del x
+            for index, arr in kept.items():
+                assert (arr == index).all(), f"batch {index} was overwritten by a later batch"
+    for index, arr in kept.items():  # and after the pool is closed
+        assert (arr == index).all()
 
 
 @pytest.mark.timeout(60)
