@@ -60,6 +60,16 @@ NOTE [ Worker protocol ]) has nothing multiprocessing-specific: the Ray transpor
 NOTE [ Time limits ]
 Every wait is bounded; see the interval constants below. A batch error, crash or timeout
 shuts the pool down (all workers gone, all shared memory unlinked) before the error is raised.
+The pool's ``timeout`` is per batch: waiting for one batch (:meth:`_Core.wait_for`), the
+clock starts when the worker holding it is ready; waiting for several workers (the batches
+in flight before a dataset update, the acknowledgements: :class:`_ProgressClock`) it bounds
+the time *without progress*, restarting whenever a batch finishes, a worker acknowledges or
+reports ready. A whole-wait deadline failed an update behind three prefetched 1 s batches
+with ``timeout=2.5`` (issue 17). Prefetched batches orphaned by the update are still
+computed (a worker reads its pipe in order) and their results dropped; the dataset's blocks
+are patched only once none is in flight (NOTE [ Shared dataset buffers ]). Shutdown runs
+each step through :func:`compatmp._transport.shutdown_step`: one failing step is logged and
+the next still run, so a failed start-up raises its own cause and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -513,6 +523,7 @@ class _Core:
             WorkerTimeoutError: no worker finished a batch for ``timeout`` seconds.
             WorkerCrashedError: a worker died meanwhile.
         """
+        self._withdraw_orphans()
         clock = _ProgressClock(self, timeout)
         while any(self.tasks.load(h.id) for h in self.handles):
             clock.pump("to finish their batches before the dataset update")
@@ -532,6 +543,7 @@ class _Core:
         """
         self.version += 1
         version = self.version
+        self._withdraw_orphans()
         clock = _ProgressClock(self, timeout)
         for h in self.handles:
             # A busy worker may be blocked sending a big result; let it finish first, so our
@@ -541,6 +553,18 @@ class _Core:
             self._send(h, (_worker.DATASET, version, payload))
         while any(h.version < version for h in self.handles):
             clock.pump("to acknowledge the dataset update")
+
+    def _withdraw_orphans(self) -> None:
+        """Orphaned prefetches a worker has not started are not computed, where the transport
+        can take them back (:meth:`Transport.withdraw`: threads); the others are waited for.
+        """
+        with self.io_lock:
+            orphans = {t.send_idx for t in self.tasks if t.state == _tasks.ORPHANED}
+            if not orphans:
+                return
+            for h in self.handles:
+                for send_idx in self.transport.withdraw(h, orphans):
+                    self.tasks.complete(send_idx, (), lambda: None)  # dropped: an orphan
 
     # -- shutdown ------------------------------------------------------------------------------
 

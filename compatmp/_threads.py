@@ -106,6 +106,16 @@ class ThreadTransport(Transport):
         dead = [h for h in handles if not h.is_alive()]
         return readable, dead
 
+    def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
+        inbox = handle.channel.outbox  # the worker's inbox: messages it has not read yet
+        with inbox.cond:
+            taken = [m[1] for m in inbox.items if m[0] == _worker.TASK and m[1] in send_idxs]
+            if taken:
+                kept = [m for m in inbox.items if not (m[0] == _worker.TASK and m[1] in taken)]
+                inbox.items.clear()
+                inbox.items.extend(kept)
+        return taken
+
     def rebuild_exception(self, msg: tuple) -> BaseException:
         return _worker.rebuild_exception(msg, by_reference=True)
 

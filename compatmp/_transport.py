@@ -231,6 +231,22 @@ class Transport:
         """
         raise NotImplementedError
 
+    def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
+        """Take back tasks of ``send_idxs`` that ``handle``'s worker has not started.
+
+        Orphaned prefetches before a dataset update need not be computed: where the transport
+        can still reach the queued message (threads: the worker's mailbox), it removes it.
+
+        Args:
+            handle (WorkerHandle): the worker.
+            send_idxs (set[int]): the tasks the core would like back (its orphans).
+
+        Returns:
+            list[int]: those taken back; the worker will never see them. Default: none (a
+            message in a pipe or a Ray call cannot be taken back).
+        """
+        return []
+
     def blocks_of(self, batch: Any) -> list[str]:
         """Names of the shared-memory blocks a received batch views (none: nothing to lease)."""
         return []

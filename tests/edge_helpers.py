@@ -17,11 +17,13 @@ class SlowShared:
         self.delay = delay
         self.first = delay if first is None else first
         self.x = np.zeros((4, 300_000), np.float32)
+        self.computed: list[int] = []  # by worker threads (process workers have their copy)
 
     def __len__(self) -> int:
         return 8
 
     def __getitem__(self, i: int) -> Any:
+        self.computed.append(i)
         time.sleep(self.first if i == 0 else self.delay)
         return self.x[i % 4, :8] + i
 
