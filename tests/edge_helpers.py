@@ -58,3 +58,24 @@ def nested_pool(start_method: str) -> tuple:
         except Exception as exc:
             return ("error", type(exc).__name__, str(exc))
     return ("ok", method, got, [f"{w.category.__name__}: {w.message}" for w in caught])
+
+
+class SlowRegression:
+    """8 ``(x, y)`` batches of 8 rows, ``delay`` seconds each, over a 1 MiB ``x`` (shared
+    with process workers); ``on_epoch_end`` writes one element in place (an update to send).
+    """
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.x = np.zeros((64, 4096), np.float32)
+        self.y = np.zeros((64, 1), np.float32)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> Any:
+        time.sleep(self.delay)
+        return self.x[i * 8 : (i + 1) * 8], self.y[i * 8 : (i + 1) * 8]
+
+    def on_epoch_end(self) -> None:
+        self.x[0, 0] += 1.0

@@ -12,9 +12,10 @@ import multiprocessing.process
 import time
 
 import pytest
-from edge_helpers import SlowShared, Small, nested_pool
+from edge_helpers import SlowRegression, SlowShared, Small, nested_pool
 from pool_datasets import PROCESS_METHODS
 
+import compatmp
 from compatmp import StartMethodError, WorkerCrashedError, WorkerTimeoutError
 from compatmp._platform import PlatformFacts, decide_start_method
 from compatmp._pool import OrderedPool
@@ -85,6 +86,28 @@ def test_update_still_times_out_when_no_batch_finishes(method):
             p.update_dataset(dataset)
         assert time.monotonic() - started < 2.9  # not after the 3 s batch
         assert p.closed
+
+
+@pytest.mark.keras
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", [PROCESS_METHODS[0], "spawn"])
+def test_fit_with_steps_per_epoch_and_a_timeout_longer_than_one_batch(method):
+    # The case: fit(steps_per_epoch=3, timeout=2) failed at the first epoch's end,
+    # waiting for the prefetched batches of the next steps under one 2 s deadline.
+    keras = pytest.importorskip("keras", minversion="3")
+    model = keras.Sequential([keras.Input((4096,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    history = compatmp.fit(
+        model,
+        SlowRegression(delay=0.6),
+        epochs=2,
+        steps_per_epoch=3,
+        workers=1,
+        start_method=method,
+        timeout=1.5,
+        verbose=0,
+    )
+    assert len(history.history["loss"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------
