@@ -65,9 +65,11 @@ clock starts when the worker holding it is ready; waiting for several workers (t
 in flight before a dataset update, the acknowledgements: :class:`_ProgressClock`) it bounds
 the time *without progress*, restarting whenever a batch finishes, a worker acknowledges or
 reports ready. A whole-wait deadline failed an update behind three prefetched 1 s batches
-with ``timeout=2.5`` (issue 17). Prefetched batches orphaned by the update are still
-computed (a worker reads its pipe in order) and their results dropped; the dataset's blocks
-are patched only once none is in flight (NOTE [ Shared dataset buffers ]). Shutdown runs
+with ``timeout=2.5`` (issue 17). Prefetched batches orphaned by the update that a worker
+thread has not started are taken back (``Transport.withdraw``); a process or Ray worker
+reads its messages in order, so its orphans are computed and their results dropped. The
+dataset's blocks are patched only once no batch is in flight (NOTE [ Shared dataset
+buffers ]). Shutdown runs
 each step through :func:`compatmp._transport.shutdown_step`: one failing step is logged and
 the next still run, so a failed start-up raises its own cause and leaves nothing behind.
 """
@@ -169,7 +171,7 @@ class _ProgressClock:
         """Pump once (at most :data:`MAIN_POLL_INTERVAL`), after checking the deadline.
 
         Args:
-            what (str): what the wait is for, completing "workers took longer than ... ".
+            what (str): what the wait is for, ending "workers made no progress for ... s".
 
         Raises:
             WorkerTimeoutError: no progress for ``timeout`` seconds (the pool is then closed

@@ -28,10 +28,12 @@ them:
 
 Plus what differs in how a message's contents arrive: :meth:`Transport.blocks_of` (which
 shared-memory blocks a batch names; none for threads) and :meth:`Transport.rebuild_exception`
-(a pickled exception, or the object itself). Everything else (dispatch, the reorder buffer,
-the task records of :mod:`compatmp._tasks`, timeouts, stall policy, errors) is the core's,
-the same code for every transport. A new kind of worker (a subinterpreter, a context of
-another library) is one more module implementing these two classes.
+(a pickled exception, or the object itself); and :meth:`Transport.withdraw`, taking back
+tasks a worker has not started (orphans before a dataset update; only threads can).
+Everything else (dispatch, the reorder buffer, the task records of :mod:`compatmp._tasks`,
+timeouts, stall policy, errors) is the core's, the same code for every transport. A new
+kind of worker (a subinterpreter, a context of another library) is one more module
+implementing these two classes.
 """
 
 from __future__ import annotations
