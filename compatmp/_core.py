@@ -60,6 +60,18 @@ NOTE [ Worker protocol ]) has nothing multiprocessing-specific: the Ray transpor
 NOTE [ Time limits ]
 Every wait is bounded; see the interval constants below. A batch error, crash or timeout
 shuts the pool down (all workers gone, all shared memory unlinked) before the error is raised.
+The pool's ``timeout`` is per batch: waiting for one batch (:meth:`_Core.wait_for`), the
+clock starts when the worker holding it is ready; waiting for several workers (the batches
+in flight before a dataset update, the acknowledgements: :class:`_ProgressClock`) it bounds
+the time *without progress*, restarting whenever a batch finishes, a worker acknowledges or
+reports ready. A whole-wait deadline failed an update behind three prefetched 1 s batches
+with ``timeout=2.5`` (issue 17). Prefetched batches orphaned by the update that a worker
+thread has not started are taken back (``Transport.withdraw``); a process or Ray worker
+reads its messages in order, so its orphans are computed and their results dropped. The
+dataset's blocks are patched only once no batch is in flight (NOTE [ Shared dataset
+buffers ]). Shutdown runs
+each step through :func:`compatmp._transport.shutdown_step`: one failing step is logged and
+the next still run, so a failed start-up raises its own cause and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -78,7 +90,7 @@ from ._exceptions import WorkerCrashedError, WorkerTimeoutError
 from ._processes import KILL_TIMEOUT, TERMINATE_TIMEOUT, ProcessTransport
 from ._ray import RayTransport
 from ._threads import ThreadTransport
-from ._transport import Transport, WorkerHandle
+from ._transport import Transport, WorkerHandle, shutdown_step
 
 __all__ = [
     "KILL_TIMEOUT",
@@ -125,6 +137,63 @@ class _Failure:
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
+
+
+class _ProgressClock:
+    """The timeout of a wait for several workers: ``timeout`` seconds *without progress*.
+
+    Progress is any change of what the wait is for: a worker finished (or dropped) a batch,
+    acknowledged a dataset update, or reported ready. Waiting for ``n`` prefetched batches of
+    ``t`` seconds each so takes ``n * t`` seconds without failing a ``timeout > t`` (issue 17:
+    a whole-wait deadline failed 1 s batches with ``timeout=2.5`` after 3 s). While a worker
+    is still starting, the clock does not run (as for one batch, :meth:`_Core.wait_for`).
+
+    Args:
+        core (_Core): the pool.
+        timeout (float | None): seconds; None: no limit.
+    """
+
+    def __init__(self, core: _Core, timeout: float | None) -> None:
+        self.core = core
+        self.timeout = timeout
+        self.state = self._state()
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def _state(self) -> tuple[int, int, int]:
+        handles = self.core.handles
+        return (
+            sum(self.core.tasks.load(h.id) for h in handles),
+            sum(h.version for h in handles),
+            sum(1 for h in handles if h.ready),
+        )
+
+    def pump(self, what: str) -> None:
+        """Pump once (at most :data:`MAIN_POLL_INTERVAL`), after checking the deadline.
+
+        Args:
+            what (str): what the wait is for, ending "workers made no progress for ... s".
+
+        Raises:
+            WorkerTimeoutError: no progress for ``timeout`` seconds (the pool is then closed
+                by the caller).
+        """
+        wait = MAIN_POLL_INTERVAL
+        if self.deadline is not None:
+            state = self._state()
+            now = time.monotonic()
+            if state != self.state or not all(h.ready for h in self.core.handles):
+                self.state = state
+                self.deadline = now + self.timeout  # type: ignore[operator]
+            left = self.deadline - now
+            if left <= 0:
+                raise WorkerTimeoutError(
+                    f"workers made no progress for timeout={self.timeout} s {what} (no batch "
+                    "finished, no acknowledgement). The pool has been shut down. Raise "
+                    "timeout=, or pass timeout=None to wait without limit.",
+                    timeout=self.timeout,
+                )
+            wait = min(wait, left)
+        self.core.pump(wait)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,39 +521,56 @@ class _Core:
         """Wait until no worker holds a task (orphans included), e.g. before the dataset's
         blocks are rewritten (NOTE [ Shared dataset buffers ] in _shared_data).
 
+        Args:
+            timeout (float | None): seconds without progress (NOTE [ Time limits ]: the
+                clock restarts whenever a worker finishes a batch), None: no limit.
+
         Raises:
-            WorkerTimeoutError: still busy after ``timeout`` seconds (None: no limit).
+            WorkerTimeoutError: no worker finished a batch for ``timeout`` seconds.
             WorkerCrashedError: a worker died meanwhile.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._withdraw_orphans()
+        clock = _ProgressClock(self, timeout)
         while any(self.tasks.load(h.id) for h in self.handles):
-            self._pump_until(deadline, "to finish their batches before the dataset update")
+            clock.pump("to finish their batches before the dataset update")
 
     def broadcast_dataset(self, payload: Any, timeout: float | None) -> None:
+        """Send ``payload`` (the dataset's new state) to every worker and wait for each
+        worker's acknowledgement.
+
+        Args:
+            payload (object): what the transport carries (pickled bytes with big buffers in
+                shared memory, or the object itself for threads).
+            timeout (float | None): seconds without progress, as in :meth:`wait_idle`; an
+                acknowledgement counts as progress.
+
+        Raises:
+            WorkerTimeoutError, WorkerCrashedError: as in :meth:`wait_idle`.
+        """
         self.version += 1
         version = self.version
-        deadline = None if timeout is None else time.monotonic() + timeout
+        self._withdraw_orphans()
+        clock = _ProgressClock(self, timeout)
         for h in self.handles:
             # A busy worker may be blocked sending a big result; let it finish first, so our
             # (possibly big) send cannot deadlock against it.
             while self.tasks.load(h.id):
-                self._pump_until(deadline, "to finish its batches before the dataset update")
+                clock.pump("to finish its batches before the dataset update")
             self._send(h, (_worker.DATASET, version, payload))
         while any(h.version < version for h in self.handles):
-            self._pump_until(deadline, "to acknowledge the dataset update")
+            clock.pump("to acknowledge the dataset update")
 
-    def _pump_until(self, deadline: float | None, what: str) -> None:
-        wait = MAIN_POLL_INTERVAL
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise WorkerTimeoutError(
-                    f"workers took longer than the pool's timeout {what}. The pool has been "
-                    "shut down.",
-                    timeout=None,
-                )
-            wait = min(wait, left)
-        self.pump(wait)
+    def _withdraw_orphans(self) -> None:
+        """Orphaned prefetches a worker has not started are not computed, where the transport
+        can take them back (:meth:`Transport.withdraw`: threads); the others are waited for.
+        """
+        with self.io_lock:
+            orphans = {t.send_idx for t in self.tasks if t.state == _tasks.ORPHANED}
+            if not orphans:
+                return
+            for h in self.handles:
+                for send_idx in self.transport.withdraw(h, orphans):
+                    self.tasks.complete(send_idx, (), lambda: None)  # dropped: an orphan
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -501,18 +587,28 @@ class _Core:
                 self.tasks.clear()
 
     def _shutdown(self) -> None:
+        # Every step runs, whatever an earlier one raised (shutdown_step logs it): a failed
+        # start-up closes the pool too, and its own error is the one the caller sees.
         for h in self.handles:
             h.stopping = True
             try:
                 h.send((_worker.STOP,))
             except Exception:
-                pass
-        self.transport.shutdown(time.monotonic() + SHUTDOWN_TIMEOUT, self._drain_quietly)
-        self.attachments.close()  # arrays the consumer still holds stay valid
+                pass  # gone, or never started
+        shutdown_step(
+            "stopping the workers",
+            lambda: self.transport.shutdown(
+                time.monotonic() + SHUTDOWN_TIMEOUT, self._drain_quietly
+            ),
+        )
+        # Arrays the consumer still holds stay valid.
+        shutdown_step("closing the batches' shared-memory maps", self.attachments.close)
         self.released.clear()
         if self.sharer is not None:  # Ray too: the sharer's bookkeeping, no blocks there
-            self.sharer.close()  # the dataset's blocks: workers are gone
-        self.transport.sweep()  # what workers killed mid-batch left behind
+            # The dataset's blocks: workers are gone.
+            shutdown_step("unlinking the dataset's shared memory", self.sharer.close)
+        # What workers killed mid-batch left behind.
+        shutdown_step("sweeping the workers' shared memory", self.transport.sweep)
 
     def _drain_quietly(self, handle: WorkerHandle) -> None:
         """Receive and discard (unlinking shared memory) whatever ``handle`` sent."""

@@ -11,6 +11,14 @@ The first matching row wins:
 1. ``start_method=`` argument, else the ``COMPATMP_START_METHOD`` environment variable: used
    if available here, otherwise :class:`StartMethodError` lists what is. ``"ray"`` (Ray
    actors, :mod:`compatmp._ray`) is only ever used this way, when Ray is installed.
+1a. A daemonic process (``multiprocessing.current_process().daemon``: a
+   ``multiprocessing.Pool`` worker, a compatmp worker process making a nested pool) cannot
+   start child processes (``Process.start`` asserts "daemonic processes are not allowed to
+   have children", CPython ``multiprocessing/process.py``): fork, forkserver or spawn asked
+   for by name raise :class:`StartMethodError` naming the fix; otherwise threads, whatever
+   ``COMPATMP_START_METHOD`` says (children inherit it), and the pool warns
+   (``ThreadFallbackWarning``). ``"ray"`` by name is allowed (Ray's processes are not
+   multiprocessing children).
 1b. A start method the program chose with ``multiprocessing.set_start_method(...)``
    (``multiprocessing.get_start_method(allow_none=True)``), as Keras and torch respect it: used
    as asked, fork included (the program asked for it; the reason names the risk). A method
@@ -73,6 +81,10 @@ ENV_VAR = "COMPATMP_START_METHOD"
 
 # Every method compatmp knows, cheapest first. "thread" is always available.
 METHODS = ("fork", "forkserver", "spawn", "thread")
+
+# The start methods that make worker processes with multiprocessing (a daemonic process
+# cannot: NOTE [ Start-method decision ], row 1a).
+PROCESS_METHODS = ("fork", "forkserver", "spawn")
 
 # Methods used only when asked for by name (argument or COMPATMP_START_METHOD), never by
 # "auto": "ray" runs the workers as Ray actors, possibly on other machines (compatmp._ray).
@@ -177,6 +189,9 @@ class PlatformFacts:
             ``multiprocessing.set_start_method`` (or that ``multiprocessing`` fixed on first
             use), ``multiprocessing.get_start_method(allow_none=True)``; None if not fixed
             (default: None).
+        daemonic (bool): this process is a daemonic ``multiprocessing`` process
+            (``multiprocessing.current_process().daemon``: a ``multiprocessing.Pool`` worker,
+            a compatmp worker process), which may not start child processes (default: False).
     """
 
     os: str
@@ -191,6 +206,7 @@ class PlatformFacts:
     frozen: bool = False
     gil_disabled: bool = False
     program_start_method: str | None = None
+    daemonic: bool = False
 
     @property
     def other_threads(self) -> int:
@@ -226,6 +242,7 @@ class PlatformFacts:
             frozen=bool(getattr(sys, "frozen", False)),
             gil_disabled=is_gil_enabled is not None and not is_gil_enabled(),
             program_start_method=multiprocessing.get_start_method(allow_none=True),
+            daemonic=bool(multiprocessing.current_process().daemon),
         )
 
     def with_(self, **changes: Any) -> PlatformFacts:
@@ -296,6 +313,16 @@ def _validate_requested(requested: object, source: str, facts: PlatformFacts) ->
     return requested
 
 
+def _daemonic_refusal(what: str) -> str:
+    return (
+        f"{what} needs worker processes, but this is a daemonic process (a "
+        "multiprocessing.Pool worker, a compatmp worker process, or another Process(daemon="
+        "True)), and Python refuses to let it start children ('daemonic processes are not "
+        "allowed to have children', multiprocessing/process.py). Pass start_method='thread' "
+        "or 'auto' (which uses threads here), or create the pool in the main process."
+    )
+
+
 def _process_fallback(facts: PlatformFacts, preferred: str) -> str:
     if preferred in facts.available_methods:
         return preferred
@@ -328,8 +355,19 @@ def decide_start_method(requested: str = "auto", *, facts: PlatformFacts | None 
         facts = PlatformFacts.current()
     _validate_requested(requested, "start_method", facts)
     if requested != "auto":
+        if facts.daemonic and requested in PROCESS_METHODS:
+            raise StartMethodError(_daemonic_refusal(f"start_method={requested!r}"))
         return Decision(requested, f"start_method={requested!r} was requested.", facts)
     env = os.environ.get(ENV_VAR, "").strip()
+    if facts.daemonic:  # row 1a: before the environment variable, which children inherit
+        return Decision(
+            "thread",
+            "this is a daemonic process (a multiprocessing.Pool worker or a compatmp worker "
+            "process), which Python does not let start worker processes; threads run the "
+            "batches instead"
+            + (f" ({ENV_VAR}={env} is ignored here)." if env and env != "auto" else "."),
+            facts,
+        )
     if env and env != "auto":
         _validate_requested(env, ENV_VAR, facts)
         return Decision(env, f"the environment variable {ENV_VAR}={env} is set.", facts)

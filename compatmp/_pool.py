@@ -143,6 +143,15 @@ class OrderedPool:
         self._seed = seed if seed is not None else secrets.randbits(64)
 
         decision = decide_start_method(start_method)
+        if decision.facts.daemonic and decision.method == "thread" and start_method != "thread":
+            # NOTE [ Start-method decision ] row 1a: a nested pool in a daemonic worker
+            warnings.warn(
+                f"compatmp: using {workers} worker thread(s) instead of processes, because "
+                f"{decision.reason} Pass start_method='thread' to silence this, or create "
+                "the pool in the main process to use processes.",
+                ThreadFallbackWarning,
+                stacklevel=2,
+            )
         settle(dataset)  # NOTE [ Settling a dataset ]: lazy random state drawn here, once
         dataset_payload: Any = dataset
         init_payload: Any = worker_init_fn

@@ -18,7 +18,7 @@ from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
 from . import _launch, _shm, _stall, _worker
-from ._transport import Transport, WorkerHandle
+from ._transport import Transport, WorkerHandle, shutdown_step
 
 __all__ = [
     "KILL_TIMEOUT",
@@ -62,13 +62,24 @@ class ProcessHandle(WorkerHandle):
         self.proc = proc
         self.stack_file = stack_file
 
+    @property
+    def started(self) -> bool:
+        """The process was started (a failed start-up leaves some registered, not started).
+
+        Read from :attr:`pid`, which the transport sets once start-up ended, so it stays
+        valid after ``Process.close()``."""
+        return self.pid is not None
+
     def is_alive(self) -> bool:
-        return self.proc.is_alive()
+        return self.started and self.proc.is_alive()
 
     def wait_for_exit(self, timeout: float) -> None:
-        self.proc.join(timeout)
+        if self.started:
+            self.proc.join(timeout)
 
     def exitcode(self, wait: float) -> int | None:
+        if not self.started:
+            return None
         self.proc.join(timeout=wait)  # a zombie is reaped at once
         return self.proc.exitcode
 
@@ -171,7 +182,29 @@ class ProcessTransport(Transport):
 
     def shutdown(self, deadline: float, drain: Any) -> None:
         procs: list[ProcessHandle] = list(self.handles)  # type: ignore[arg-type]
+        started = [h for h in procs if h.started]  # a failed start-up leaves some unstarted
         # Drain while they finish their current batch, so none blocks sending it.
+        shutdown_step("draining the workers", lambda: self._drain_until(started, deadline, drain))
+        for h in started:
+            shutdown_step(f"terminating {h.label()}", lambda h=h: _terminate(h))
+        term_deadline = time.monotonic() + TERMINATE_TIMEOUT
+        for h in started:
+            shutdown_step(
+                f"joining {h.label()}",
+                lambda h=h: h.proc.join(max(0.0, term_deadline - time.monotonic())),
+            )
+        for h in started:
+            shutdown_step(f"killing {h.label()}", lambda h=h: _kill(h))
+        for h in procs:
+            shutdown_step(f"closing {h.label()}'s process object", lambda h=h: _close(h))
+        for h in procs:
+            shutdown_step(f"draining {h.label()}'s pipe", lambda h=h: drain(h))
+            shutdown_step(f"closing {h.label()}'s pipe", h.channel.close)
+            if h.stack_file is not None:
+                shutdown_step(f"removing {h.label()}'s stack file", h.stack_file.close)
+
+    @staticmethod
+    def _drain_until(procs: list[ProcessHandle], deadline: float, drain: Any) -> None:
         while time.monotonic() < deadline and any(h.proc.is_alive() for h in procs):
             conns = [h.channel.conn for h in procs if not h.channel.conn.closed]
             sentinels = [h.proc.sentinel for h in procs if h.proc.is_alive()]
@@ -179,24 +212,6 @@ class ProcessTransport(Transport):
             for h in procs:
                 if h.channel.conn in ready:
                     drain(h)
-        for h in procs:
-            if h.proc.is_alive():
-                h.proc.terminate()
-        term_deadline = time.monotonic() + TERMINATE_TIMEOUT
-        for h in procs:
-            h.proc.join(max(0.0, term_deadline - time.monotonic()))
-        for h in procs:
-            if h.proc.is_alive():
-                h.proc.kill()
-                h.proc.join(KILL_TIMEOUT)
-        for h in procs:
-            if not h.proc.is_alive():
-                h.proc.close()
-        for h in procs:
-            drain(h)
-            h.channel.close()
-            if h.stack_file is not None:
-                h.stack_file.close()
 
     def sweep(self) -> None:
         if self.shm_prefix is not None:
@@ -208,3 +223,21 @@ class ProcessTransport(Transport):
                 h.channel.close()
             except OSError:
                 pass
+
+
+def _terminate(h: ProcessHandle) -> None:
+    if h.proc.is_alive():
+        h.proc.terminate()
+
+
+def _kill(h: ProcessHandle) -> None:
+    if h.proc.is_alive():
+        h.proc.kill()
+        h.proc.join(KILL_TIMEOUT)
+
+
+def _close(h: ProcessHandle) -> None:
+    # Process.close() raises ValueError while the process runs (a worker SIGKILL could not
+    # end within KILL_TIMEOUT); it keeps its resources then, and the next steps still run.
+    if not h.proc.is_alive():
+        h.proc.close()

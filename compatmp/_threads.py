@@ -11,6 +11,7 @@ keep the interpreter alive.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -35,12 +36,19 @@ class ThreadHandle(WorkerHandle):
     def __init__(self, worker_id: int, channel: Any, thread: threading.Thread) -> None:
         super().__init__(worker_id, channel)
         self.thread = thread
+        self.error: BaseException | None = None  # what ended the thread, if anything did
 
     def is_alive(self) -> bool:
         return self.thread.is_alive()
 
     def describe_death(self, code: int | None) -> tuple[str, str]:
-        _, how = super().describe_death(code)
+        if self.error is not None:
+            how = (
+                f"ended with {type(self.error).__name__}: {self.error} (its traceback is on "
+                "stderr above)"
+            )
+        else:
+            how = "ended unexpectedly"
         return f"worker thread {self.id}", how
 
     def stall_label(self) -> str:
@@ -48,6 +56,20 @@ class ThreadHandle(WorkerHandle):
 
     def stack(self) -> str:
         return _stall.thread_stack(self.thread.ident)
+
+
+def _thread_main(handle: ThreadHandle, channel: Any, config: _worker.WorkerConfig) -> None:
+    """A worker thread's body: :func:`compatmp._worker.worker_main`, keeping what ended it.
+
+    An exception escaping the worker loop (a protocol error, a bug) ends the thread; it is
+    kept for :meth:`ThreadHandle.describe_death` and re-raised, so ``threading.excepthook``
+    prints its traceback as for any thread.
+    """
+    try:
+        _worker.worker_main(channel, config)
+    except BaseException as exc:
+        handle.error = exc
+        raise
 
 
 class ThreadTransport(Transport):
@@ -66,14 +88,11 @@ class ThreadTransport(Transport):
         for config in configs:
             config = replace(config, in_process=False, shm_prefix=None, stack_file=None)
             main_end, worker_end = _worker.thread_channel_pair(self.cond)
-            thread = threading.Thread(
-                target=_worker.worker_main,
-                args=(worker_end, config),
-                name=f"compatmp-worker-{config.worker_id}",
-                daemon=True,
-            )
+            thread = threading.Thread(name=f"compatmp-worker-{config.worker_id}", daemon=True)
+            handle = ThreadHandle(config.worker_id, main_end, thread)
+            thread.run = functools.partial(_thread_main, handle, worker_end, config)
+            self.handles.append(handle)
             thread.start()
-            self.handles.append(ThreadHandle(config.worker_id, main_end, thread))
 
     def wait(
         self, handles: list[WorkerHandle], timeout: float
@@ -81,8 +100,21 @@ class ThreadTransport(Transport):
         with self.cond:
             self.cond.wait_for(lambda: any(h.channel.ready() for h in handles), timeout)
             readable = [h for h in handles if h.channel.ready()]
-        dead = [h for h in handles if not h.is_alive() and h not in readable]
+        # A thread that ended closed its channel, which stays "ready" (recv raises EOFError):
+        # report it dead even so, or the core would drain nothing and wait again at once,
+        # forever (issue 17). The core drains a dead worker's messages before reporting it.
+        dead = [h for h in handles if not h.is_alive()]
         return readable, dead
+
+    def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
+        inbox = handle.channel.outbox  # the worker's inbox: messages it has not read yet
+        with inbox.cond:
+            taken = [m[1] for m in inbox.items if m[0] == _worker.TASK and m[1] in send_idxs]
+            if taken:
+                kept = [m for m in inbox.items if not (m[0] == _worker.TASK and m[1] in taken)]
+                inbox.items.clear()
+                inbox.items.extend(kept)
+        return taken
 
     def rebuild_exception(self, msg: tuple) -> BaseException:
         return _worker.rebuild_exception(msg, by_reference=True)

@@ -22,25 +22,59 @@ them:
    :mod:`compatmp._stall`);
 5. describe a death: :meth:`WorkerHandle.describe_death`;
 6. shut down: :meth:`Transport.shutdown`, after the core sent every worker ``("stop",)``,
-   and :meth:`Transport.sweep` once the dataset's own blocks are gone too.
+   and :meth:`Transport.sweep` once the dataset's own blocks are gone too. Shutdown also
+   follows a failed start-up, so it copes with workers that never started, and runs each
+   step through :func:`shutdown_step`: one failing step is logged and the others still run.
 
 Plus what differs in how a message's contents arrive: :meth:`Transport.blocks_of` (which
 shared-memory blocks a batch names; none for threads) and :meth:`Transport.rebuild_exception`
-(a pickled exception, or the object itself). Everything else (dispatch, the reorder buffer,
-the task records of :mod:`compatmp._tasks`, timeouts, stall policy, errors) is the core's,
-the same code for every transport. A new kind of worker (a subinterpreter, a context of
-another library) is one more module implementing these two classes.
+(a pickled exception, or the object itself); and :meth:`Transport.withdraw`, taking back
+tasks a worker has not started (orphans before a dataset update; only threads can).
+Everything else (dispatch, the reorder buffer, the task records of :mod:`compatmp._tasks`,
+timeouts, stall policy, errors) is the core's, the same code for every transport. A new
+kind of worker (a subinterpreter, a context of another library) is one more module
+implementing these two classes.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _worker
 
-__all__ = ["Transport", "WorkerHandle", "describe_exit"]
+__all__ = ["Transport", "WorkerHandle", "describe_exit", "shutdown_step"]
+
+_log = logging.getLogger("compatmp")
+
+
+def shutdown_step(what: str, step: Callable[[], object]) -> bool:
+    """Run one step of a shutdown; a failure is logged, never raised, so the next steps run.
+
+    Every step of closing a pool (stop each worker, join it, close its pipe and stack file,
+    unlink the dataset's blocks, sweep) is independent: one that fails (an ``OSError`` from a
+    pipe, a process that never started) must not leave the others undone, nor hide the error
+    that made the pool close (a failed start-up re-raises its own cause).
+
+    Args:
+        what (str): the step, for the log, e.g. ``"joining worker 1 (pid 1234)"``.
+        step (Callable[[], object]): does it; its return value is ignored.
+
+    Returns:
+        bool: True if the step ran without an exception.
+    """
+    try:
+        step()
+    except Exception:
+        _log.warning(
+            "compatmp: %s failed while shutting the pool down; the other steps ran",
+            what,
+            exc_info=True,
+        )
+        return False
+    return True
 
 
 def describe_exit(code: int | None) -> str:
@@ -198,6 +232,22 @@ class Transport:
             handles whose worker is gone.
         """
         raise NotImplementedError
+
+    def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
+        """Take back tasks of ``send_idxs`` that ``handle``'s worker has not started.
+
+        Orphaned prefetches before a dataset update need not be computed: where the transport
+        can still reach the queued message (threads: the worker's mailbox), it removes it.
+
+        Args:
+            handle (WorkerHandle): the worker.
+            send_idxs (set[int]): the tasks the core would like back (its orphans).
+
+        Returns:
+            list[int]: those taken back; the worker will never see them. Default: none (a
+            message in a pipe or a Ray call cannot be taken back).
+        """
+        return []
 
     def blocks_of(self, batch: Any) -> list[str]:
         """Names of the shared-memory blocks a received batch views (none: nothing to lease)."""
