@@ -132,8 +132,10 @@ def dump_dataset(
 ) -> tuple[bytes, tuple[str, ...]]:
     """Pickle the dataset ``obj`` (protocol 5); also return the packages worth preloading.
 
-    Module-defined Keras datasets go by value (NOTE [ Workers without Keras ]); if that
-    fails, by reference as before.
+    Module-defined Keras datasets go by value (NOTE [ Workers without Keras ]), and so does
+    Keras' image code when ``obj`` is or directly holds an image iterator (NOTE [ Image
+    iterators without TensorFlow ] in :mod:`compatmp._keras_image`); if that fails, by
+    reference as before.
 
     Args:
         obj (object): the dataset.
