@@ -16,12 +16,15 @@ such a module *by value* (``cloudpickle.register_pickle_by_value`` for the durat
 dump): the class, its methods and the module-level helpers they call travel as code, and the
 worker never imports ``mydata``. Every reference to Keras' ``PyDataset`` class itself - the
 base, or ``PyDataset.__init__(self, ...)`` in a method - becomes the Keras-free
-:class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]). A method that
+:class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]); Keras 2's
+``Sequence`` (tf_keras, TensorFlow <= 2.15's ``keras``) likewise becomes
+:class:`compatmp._standin.SequenceStandIn`. A method that
 uses ``keras`` or ``tf`` makes cloudpickle send that module by name: the worker imports it
 when the dataset is loaded, so such code still works, it just pays the import.
 
 Limits: only the modules of the dataset's own classes (those in its MRO before
-``PyDataset``, not from Keras, TensorFlow or compatmp) go by value; a helper from *another*
+``PyDataset`` or ``Sequence``, not from Keras, TensorFlow or compatmp) go by value, and Keras'
+image modules (NOTE [ Image iterators without TensorFlow ]); a helper from *another*
 module that imports Keras still makes the worker import it. Module-level state is copied as
 it is when the pool starts or updates, as for ``__main__`` classes. In the worker,
 ``isinstance(ds, keras.utils.PyDataset)`` is False.
@@ -39,9 +42,10 @@ from typing import Any
 import cloudpickle
 
 from ._exceptions import SerializationError
+from ._keras_image import image_module_reduce, image_modules_by_value
 from ._preload import ModuleRecorder, preloadable
 from ._serialize import CompatPickler, dumps
-from ._standin import PyDatasetStandIn, keras_pydataset
+from ._standin import PyDatasetStandIn, SequenceStandIn, keras_dataset_bases
 
 __all__ = ["dump_dataset"]
 
@@ -65,15 +69,25 @@ def _standin_class() -> type:
     return PyDatasetStandIn
 
 
+def _sequence_standin_class() -> type:
+    return SequenceStandIn
+
+
+# What a swapped Keras base class is pickled as: a module-level function returning the stand-in
+# (a plain reference to compatmp._standin, importable in every worker).
+_STANDIN_REDUCERS = {PyDatasetStandIn: _standin_class, SequenceStandIn: _sequence_standin_class}
+
+
 def _by_value_modules(obj: Any) -> list[types.ModuleType]:
-    """The modules of ``obj``'s own classes, if it is a Keras ``PyDataset`` (NOTE above)."""
-    pydataset = keras_pydataset()
+    """The modules of ``obj``'s own classes, if it is a Keras ``PyDataset`` or Keras 2
+    ``Sequence`` (NOTE above)."""
+    bases = keras_dataset_bases()
     cls = type(obj)
-    if pydataset is None or not issubclass(cls, pydataset):
+    if not any(issubclass(cls, base) for base in bases):
         return []
     found = []
     for c in cls.__mro__:
-        if c is pydataset:
+        if c in bases:
             break
         name = getattr(c, "__module__", None)  # classes made by type() may lack it
         module = sys.modules.get(name) if isinstance(name, str) else None
@@ -85,16 +99,28 @@ def _by_value_modules(obj: Any) -> list[types.ModuleType]:
 
 
 class _DatasetPickler(CompatPickler):
-    """CompatPickler that notes the packages it meets and swaps Keras' ``PyDataset`` class."""
+    """CompatPickler that notes the packages it meets and swaps Keras' dataset base classes."""
 
-    def __init__(self, *args: Any, swap_pydataset: type | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        swap_bases: dict[type, type] | None = None,
+        image: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.recorder = ModuleRecorder()
-        self._swap = swap_pydataset
+        self._swap = swap_bases or {}
+        self._image = image
 
     def reducer_override(self, obj: Any) -> Any:
-        if self._swap is not None and obj is self._swap:
-            return _standin_class, ()
+        standin = self._swap.get(obj) if isinstance(obj, type) else None
+        if standin is not None:
+            return _STANDIN_REDUCERS[standin], ()
+        if self._image:  # NOTE [ Image iterators without TensorFlow ] in _keras_image
+            rv = image_module_reduce(obj)
+            if rv is not NotImplemented:
+                return rv
         self.recorder.note(obj)
         return super().reducer_override(obj)
 
@@ -106,8 +132,10 @@ def dump_dataset(
 ) -> tuple[bytes, tuple[str, ...]]:
     """Pickle the dataset ``obj`` (protocol 5); also return the packages worth preloading.
 
-    Module-defined Keras datasets go by value (NOTE [ Workers without Keras ]); if that
-    fails, by reference as before.
+    Module-defined Keras datasets go by value (NOTE [ Workers without Keras ]), and so does
+    Keras' image code when ``obj`` is or directly holds an image iterator (NOTE [ Image
+    iterators without TensorFlow ] in :mod:`compatmp._keras_image`); if that fails, by
+    reference as before.
 
     Args:
         obj (object): the dataset.
@@ -123,11 +151,13 @@ def dump_dataset(
     Raises:
         SerializationError: as :func:`compatmp._serialize.dumps`, with attribute paths.
     """
+    image = image_modules_by_value(obj)
     by_value = _by_value_modules(obj)
+    by_value += [m for m in image if m not in by_value]
     attempts = [by_value, []] if by_value else [[]]
     for k, modules in enumerate(attempts):
         try:
-            return _dump_once(obj, buffer_callback, modules)
+            return _dump_once(obj, buffer_callback, modules, image=bool(modules and image))
         except Exception as exc:
             if k + 1 < len(attempts):
                 if on_retry is not None:
@@ -143,7 +173,7 @@ def dump_dataset(
 
 
 def _dump_once(
-    obj: Any, buffer_callback: Any, by_value: list[types.ModuleType]
+    obj: Any, buffer_callback: Any, by_value: list[types.ModuleType], image: bool = False
 ) -> tuple[bytes, tuple[str, ...]]:
     buf = io.BytesIO()
     with _by_value_lock:
@@ -157,7 +187,8 @@ def _dump_once(
                 buf,
                 None,
                 buffer_callback=buffer_callback,
-                swap_pydataset=keras_pydataset() if by_value else None,
+                swap_bases=keras_dataset_bases() if by_value else None,
+                image=image,
             )
             pickler.dump(obj)
         finally:

@@ -52,6 +52,30 @@ process) redraws ``index_array`` there and the new state is sent before the next
 ``__getitem__`` would just have reseeded; so the order of epochs after the first differs from a
 single process's, while every sample is still served exactly once per epoch.
 
+NOTE [ Image iterators without TensorFlow ]
+Pickled by reference, an image iterator makes its worker import its module: Keras 3's
+``keras/src/legacy/preprocessing/image.py`` imports ``keras.src.backend`` (the package, and
+with it the TensorFlow backend), tf_keras' ``tf_keras/src/preprocessing/image.py`` imports
+TensorFlow at module level - 3-6 s and ~500 MB per spawn worker (issue 18), for batch code that
+needs only NumPy, SciPy and PIL. (Keras 3 with ``KERAS_BACKEND=numpy`` in the worker was
+measured too: 3.5 s and 320 MB - its NumPy backend imports JAX - and it would change what
+``keras.ops`` in a user's own code returns.) So when the dataset is an image iterator or
+``ImageDataGenerator`` of those two modules (or holds one directly in its ``__dict__``),
+:func:`compatmp._by_value.dump_dataset` sends the image module by value, as it sends a user's
+module (NOTE [ Workers without Keras ]), with :func:`image_modules_by_value`'s companions:
+``image_utils`` (``load_img``, ``img_to_array``, ``array_to_img``) and, for Keras 3,
+``keras.src.backend.config`` (``standardize_data_format``). The Keras modules that code
+refers to become :class:`compatmp._standin.ModuleStandIn` objects holding exactly what the
+four files read from them (every ``backend.``, ``image_utils.``, ``io_utils.`` there):
+``backend.floatx``, ``image_data_format`` and ``epsilon`` return the main process's values at
+sending time (what a forked worker reads), ``io_utils.print_msg`` prints (called only in
+``__init__``, in the main process), Keras 3's lazy ``scipy`` is ``scipy``; the ``PyDataset``
+and tf_keras ``Sequence`` bases become their stand-ins (NOTE [ PyDataset stand-in ]). The
+batch code itself is Keras' own, so batches are the same bytes (the differential test
+compares them with the main process's). A ``preprocessing_function`` that uses TensorFlow
+still works: cloudpickle sends ``tf`` by name and the worker imports it. If the by-value
+dump fails, the iterator goes by reference as before. Measured in ``benchmarks/RESULTS.md``.
+
 Checked for the same lazy, per-process random state (Keras 3.15, tf_keras 2.21,
 keras-preprocessing 1.1):
 ``NumpyArrayIterator``, ``DirectoryIterator``, ``DataFrameIterator`` (all three inherit
@@ -69,11 +93,135 @@ as compatmp's feeder does); ``keras.utils.*_dataset_from_directory`` and
 from __future__ import annotations
 
 import copyreg
+import importlib
 import sys
 import types
 from typing import Any
 
-__all__ = ["NotSentGenerator", "image_iterator_reduce", "settle_image_iterator"]
+from ._standin import Constant, ModuleStandIn
+
+__all__ = [
+    "NotSentGenerator",
+    "image_iterator_reduce",
+    "image_module_reduce",
+    "image_modules_by_value",
+    "settle_image_iterator",
+]
+
+# NOTE [ Image iterators without TensorFlow ]: Keras' image modules sent by value, each with
+# the Keras modules whose functions go by value alongside it (read in Keras 3.15's
+# keras/src/legacy/preprocessing/image.py and keras/src/utils/image_utils.py; tf_keras 2.21's
+# tf_keras/src/preprocessing/image.py and tf_keras/src/utils/image_utils.py).
+_IMAGE_BY_VALUE = {
+    "keras.src.legacy.preprocessing.image": (
+        "keras.src.utils.image_utils",
+        "keras.src.backend.config",  # standardize_data_format, used by image_utils
+    ),
+    "tf_keras.src.preprocessing.image": ("tf_keras.src.utils.image_utils",),
+}
+# The Keras modules that by-value image code refers to, and what it reads from each: every
+# ``backend.``, ``image_utils.`` and ``io_utils.`` in those four files.
+_BACKEND_MODULES = frozenset({"keras.src.backend", "tf_keras.src.backend"})
+_BACKEND_CONSTANTS = ("floatx", "image_data_format", "epsilon")
+_IMAGE_UTILS_MODULES = frozenset({"keras.src.utils.image_utils", "tf_keras.src.utils.image_utils"})
+_IMAGE_UTILS_ATTRS = ("load_img", "img_to_array", "array_to_img")
+_IO_UTILS_MODULES = frozenset({"keras.src.utils.io_utils", "tf_keras.src.utils.io_utils"})
+# Keras 3's image module reaches SciPy through this lazy wrapper (keras/src/utils/module_utils.py).
+_LAZY_MODULE = ("keras.src.utils.module_utils", "LazyModule")
+
+
+def print_msg(message: str, line_break: bool = True) -> None:
+    """What ``io_utils.print_msg`` becomes in a worker: ``print`` to stdout.
+
+    Keras' image iterators call it only in ``__init__`` (the "Found N images" line), which runs
+    in the main process; Keras' own routes to absl logging when interactive logging is off.
+
+    Args:
+        message (str): the text.
+        line_break (bool): end with a newline (default: True).
+    """
+    print(message, end="\n" if line_break else "", flush=True)
+
+
+def image_modules_by_value(obj: Any) -> list[types.ModuleType]:
+    """Keras' image modules to send by value with ``obj``; see NOTE [ Image iterators without
+    TensorFlow ].
+
+    Never imports Keras. Looks at ``obj`` and the values of its ``__dict__`` (an iterator held
+    directly by the user's dataset); an iterator deeper inside is sent by reference (its worker
+    imports Keras, and it still works).
+
+    Args:
+        obj (object): the dataset.
+
+    Returns:
+        list[types.ModuleType]: the image modules of the Keras versions ``obj`` uses, and the
+        modules whose functions they call; empty when ``obj`` holds no image iterator.
+    """
+    loaded = [name for name in _IMAGE_BY_VALUE if name in sys.modules]
+    if not loaded:
+        return []
+    candidates = [obj]
+    state = getattr(obj, "__dict__", None)
+    if isinstance(state, dict):
+        candidates.extend(state.values())
+    found: list[types.ModuleType] = []
+    for candidate in candidates:
+        for cls in type(candidate).__mro__:
+            name = getattr(cls, "__module__", None)
+            if name in loaded:
+                for module_name in (name, *_IMAGE_BY_VALUE[name]):
+                    module = sys.modules.get(module_name)
+                    if module is not None and module not in found:
+                        found.append(module)
+                break
+    return found
+
+
+def _make_lazy_module(name: str) -> types.ModuleType:
+    return importlib.import_module(name)
+
+
+def image_module_reduce(obj: Any) -> Any:
+    """While image modules go by value: the reduction of a Keras module their code refers to.
+
+    ``<keras>.src.backend`` becomes a :class:`compatmp._standin.ModuleStandIn` with
+    ``floatx``, ``image_data_format`` and ``epsilon`` returning this process's values now
+    (what a forked worker would read) and Keras 3's ``standardize_data_format`` (by value);
+    ``image_utils`` one with ``load_img``, ``img_to_array``, ``array_to_img`` (by value);
+    ``io_utils`` one with :func:`print_msg`; Keras 3's lazy ``scipy`` the ``scipy`` module.
+
+    Args:
+        obj (object): any object being pickled.
+
+    Returns:
+        tuple | NotImplemented: a reduction, or NotImplemented for anything else.
+    """
+    if isinstance(obj, types.ModuleType):
+        name = obj.__name__
+        if name in _BACKEND_MODULES:
+            attrs: dict[str, Any] = {
+                attr: Constant(getattr(obj, attr)())
+                for attr in _BACKEND_CONSTANTS
+                if callable(getattr(obj, attr, None))
+            }
+            standardize = getattr(obj, "standardize_data_format", None)
+            if callable(standardize):
+                attrs["standardize_data_format"] = standardize
+            return ModuleStandIn, (name, attrs)
+        if name in _IMAGE_UTILS_MODULES:
+            attrs = {a: getattr(obj, a) for a in _IMAGE_UTILS_ATTRS if hasattr(obj, a)}
+            return ModuleStandIn, (name, attrs)
+        if name in _IO_UTILS_MODULES:
+            return ModuleStandIn, (name, {"print_msg": print_msg})
+        return NotImplemented
+    cls = type(obj)
+    if (cls.__module__, cls.__qualname__) == _LAZY_MODULE and isinstance(
+        getattr(obj, "name", None), str
+    ):
+        return _make_lazy_module, (obj.name,)
+    return NotImplemented
+
 
 # Modules defining the image Iterator base class, per Keras version (see the NOTE).
 _ITERATOR_MODULES = (

@@ -27,7 +27,7 @@ from typing import Any
 import cloudpickle
 
 from ._keras_image import image_iterator_reduce
-from ._standin import PyDatasetStandIn, keras_pydataset
+from ._standin import keras_dataset_bases
 
 __all__ = ["PROTOCOL", "CompatPickler"]
 
@@ -388,7 +388,8 @@ class CompatPickler(cloudpickle.Pickler):
         """Reduce locks, queues, files and PickleSafeMixin objects; defer the rest to cloudpickle.
 
         Classes cloudpickle sends by value lose a direct ``keras.utils.PyDataset`` base to
-        :class:`compatmp._standin.PyDatasetStandIn` (NOTE [ PyDataset stand-in ]). A subclass
+        :class:`compatmp._standin.PyDatasetStandIn`, and a Keras 2 ``Sequence`` base to
+        :class:`compatmp._standin.SequenceStandIn` (NOTE [ PyDataset stand-in ]). A subclass
         of a lock, queue, event... or file type that defines ``__reduce_ex__``, ``__reduce__``
         or ``__getstate__``, or has a ``copyreg`` entry, is left to its own reduction.
 
@@ -417,21 +418,26 @@ class CompatPickler(cloudpickle.Pickler):
 
 
 def _swap_keras_base(cls: type, rv: Any) -> Any:
-    """In cloudpickle's by-value reduction of ``cls``, replace a ``keras.utils.PyDataset`` base.
+    """In cloudpickle's by-value reduction of ``cls``, replace a Keras dataset base class.
+
+    The bases replaced are those of :func:`compatmp._standin.keras_dataset_bases`: Keras 3's
+    ``PyDataset`` and Keras 2's ``Sequence``, each by its Keras-free stand-in.
 
     ``rv`` is what ``cloudpickle.Pickler.reducer_override`` returned for a class it sends by
     value: ``(_make_skeleton_class, (metaclass, name, bases, type_kwargs, tracker_id, None),
     state, ...)`` in cloudpickle 1.x to 3.x. Anything else is returned unchanged, so a future
     cloudpickle only loses the optimization, never correctness.
     """
-    pydataset = keras_pydataset()
-    if pydataset is None or pydataset not in cls.__bases__:
+    swaps = keras_dataset_bases()
+    if not swaps or not any(b in swaps for b in cls.__bases__):
         return rv
     try:
         make, args, *rest = rv
-        if getattr(make, "__name__", "") != "_make_skeleton_class" or pydataset not in args[2]:
+        if getattr(make, "__name__", "") != "_make_skeleton_class" or not any(
+            b in swaps for b in args[2]
+        ):
             return rv
     except (TypeError, ValueError, IndexError):
         return rv
-    bases = tuple(PyDatasetStandIn if b is pydataset else b for b in args[2])
+    bases = tuple(swaps.get(b, b) for b in args[2])
     return (make, (*args[:2], bases, *args[3:]), *rest)

@@ -329,3 +329,85 @@ def test_readme_snippet_in_legacy_mode(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "legacy keras ok" in proc.stdout
+
+
+# Issue 18: a Keras 2 Sequence subclass travels on compatmp._standin.SequenceStandIn, so a spawn
+# worker imports neither tf_keras nor TensorFlow unless the dataset's own code uses them (NOTE
+# [ PyDataset stand-in ]). Checked in a fresh interpreter: the test session imported both.
+K2_MODULE = """
+import sys
+import tf_keras
+
+class ModuleSequence(tf_keras.utils.Sequence):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i, "tensorflow" in sys.modules, "tf_keras" in sys.modules
+"""
+
+K2_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+import tf_keras
+import compatmp
+from k2data import ModuleSequence
+
+class ScriptSequence(tf_keras.utils.Sequence):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i, "tensorflow" in sys.modules, "tf_keras" in sys.modules
+
+class UsesTF(ScriptSequence):
+    def __getitem__(self, i):
+        return int(tf.add(i, 1).numpy()), "tensorflow" in sys.modules
+
+class Batches(tf_keras.utils.Sequence):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        flag = float("tensorflow" in sys.modules)
+        return np.full((2, 3), flag, "float32"), np.full((2, 1), float(i), "float32")
+
+if __name__ == "__main__":
+    for name, ds in [("script", ScriptSequence()), ("module", ModuleSequence())]:
+        with compatmp.OrderedPool(ds, workers=2, start_method="spawn") as pool:
+            print(name, list(pool.imap(range(4))))
+    with compatmp.OrderedPool(UsesTF(), workers=1, start_method="spawn") as pool:
+        print("uses", list(pool.imap(range(2))))
+    model = tf_keras.Sequential([tf_keras.Input((3,)), tf_keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    compatmp.fit(model, Batches(), epochs=1, workers=2, start_method="spawn", verbose=0)
+    out = compatmp.predict(model, Batches(), workers=2, start_method="spawn", verbose=0)
+    print("predict", out.shape)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_spawn_workers_of_a_keras2_sequence_import_no_tensorflow(tmp_path):
+    pytest.importorskip("tf_keras")
+    (tmp_path / "k2data.py").write_text(textwrap.dedent(K2_MODULE))
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(K2_SCRIPT))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["script"] == str([(i, False, False) for i in range(4)])
+    assert lines["module"] == str([(i, False, False) for i in range(4)])
+    # Code that calls TensorFlow still works: cloudpickle sends `tf` by name, the worker
+    # imports it.
+    assert lines["uses"] == str([(1, True), (2, True)])
+    assert lines["predict"] == "(8, 1)"

@@ -311,3 +311,87 @@ def test_settle_draws_like_the_first_getitem_and_keeps_the_global_rng(flavour, d
     np.testing.assert_array_equal(settled.index_array, before)
     # Not an image iterator: nothing happens.
     assert settle_image_iterator(object()) is False
+
+
+# Issue 18: spawn workers of an image iterator import no TensorFlow and no Keras (NOTE [ Image
+# iterators without TensorFlow ] in compatmp/_keras_image.py); a preprocessing_function that
+# calls TensorFlow still works there. A fresh interpreter: this session imported both. The
+# marker function writes what the worker has imported into the first pixels of each image.
+NO_TF_SCRIPT = """
+import os, sys
+import numpy as np
+import tensorflow as tf
+import compatmp
+
+if os.environ["FLAVOUR"] == "keras3":
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+else:
+    from tf_keras.preprocessing.image import ImageDataGenerator
+
+def mark(x):
+    x = x.copy()
+    x[0, 0, 0] = float("tensorflow" in sys.modules)
+    x[0, 1, 0] = float("keras" in sys.modules or "tf_keras" in sys.modules)
+    return x
+
+def uses_tf(x):
+    return tf.image.flip_left_right(x).numpy() + float("tensorflow" in sys.modules)
+
+def batches(it, method):
+    with compatmp.OrderedPool(it, workers=2, start_method=method) as pool:
+        return list(pool.imap(range(len(it))))
+
+if __name__ == "__main__":
+    root = sys.argv[1]
+    kw = dict(target_size=(8, 8), color_mode="grayscale", batch_size=8, shuffle=False)
+    plain = ImageDataGenerator(rescale=1 / 255.0).flow_from_directory(root, **kw)
+    want = [plain[i] for i in range(len(plain))]
+    got = batches(plain, "spawn")
+    same = all(
+        np.array_equal(g[0], w[0]) and np.array_equal(g[1], w[1]) for g, w in zip(got, want)
+    )
+    print("directory", len(got) == len(want) and same)
+    x = np.random.default_rng(0).random((16, 8, 8, 1)).astype("float32")
+    marked = ImageDataGenerator(preprocessing_function=mark, rotation_range=10).flow(
+        x, np.arange(16), batch_size=4, shuffle=False
+    )
+    flags = {(float(b[0][k, 0, 0, 0]), float(b[0][k, 0, 1, 0])) for b in batches(marked, "spawn")
+             for k in range(4)}
+    print("flags", sorted(flags))
+    tf_it = ImageDataGenerator(preprocessing_function=uses_tf).flow(
+        x, np.arange(16), batch_size=4, shuffle=False
+    )
+    got = batches(tf_it, "spawn")
+    print("uses_tf", all(np.allclose(g[0], x[4 * i:4 * i + 4, :, ::-1] + 1) for i, g in
+                         enumerate(got)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("flavour", ["keras3", "keras2"])
+def test_spawn_workers_of_image_iterators_import_no_tensorflow(flavour, digits, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    _flavour(flavour)  # skips when that Keras is not here
+    if flavour == "keras2":
+        pytest.importorskip("tf_keras")
+    script = tmp_path / "images.py"
+    script.write_text(textwrap.dedent(NO_TF_SCRIPT))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "FLAVOUR": flavour}
+    out = subprocess.run(
+        [sys.executable, str(script), str(digits[0])],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["directory"] == "True"  # the same bytes as the main process's batches
+    assert lines["flags"] == "[(0.0, 0.0)]"  # neither TensorFlow nor Keras in any worker
+    assert lines["uses_tf"] == "True"  # code that calls TensorFlow gets it

@@ -338,7 +338,7 @@ def test_by_value_failure_falls_back_to_by_reference(monkeypatch):
 
     calls = []
 
-    def flaky(obj, callback, by_value):
+    def flaky(obj, callback, by_value, image=False):
         calls.append(list(by_value))
         if by_value:
             raise TypeError("cannot pickle this module's state")

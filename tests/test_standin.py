@@ -167,3 +167,43 @@ def test_spawn_workers_of_a_main_script_dataset_import_keras_only_when_used(tmp_
     assert lines["plain"] == str([(i, False, False) for i in range(4)])
     # A method that uses keras gets it: cloudpickle sends the module by name.
     assert lines["uses"] == str([(1, True), (2, True)])
+
+
+def test_module_standin_offers_only_what_was_sent_and_pickles():
+    import pickle
+
+    from compatmp._standin import Constant, ModuleStandIn
+
+    backend = ModuleStandIn("keras.src.backend", {"floatx": Constant("float32")})
+    back = pickle.loads(dumps(backend))
+    assert back.floatx() == "float32"
+    assert back.__name__ == "keras.src.backend"
+    with pytest.raises(AttributeError, match=r"'image_data_format'.*only \['floatx'\]"):
+        back.image_data_format  # noqa: B018
+    assert not hasattr(back, "__wrapped__")  # dunder lookups stay plain AttributeErrors
+    assert pickle.loads(pickle.dumps(back)).floatx() == "float32"
+
+
+def test_image_modules_go_by_value_only_for_image_iterators():
+    import numpy as np
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    from compatmp._keras_image import image_module_reduce, image_modules_by_value
+
+    it = ImageDataGenerator().flow(np.zeros((4, 2, 2, 1)), batch_size=2)
+    names = [m.__name__ for m in image_modules_by_value(it)]
+    assert names[0] == "keras.src.legacy.preprocessing.image"
+    assert "keras.src.utils.image_utils" in names
+
+    class Holder:
+        def __init__(self):
+            self.it = it
+
+    assert image_modules_by_value(Holder())  # held directly by the user's dataset
+    assert image_modules_by_value(_local_dataset_class()(3)) == []
+    # The backend a worker gets: this process's values now.
+    backend = sys.modules["keras.src.backend"]
+    _, (_, attrs) = image_module_reduce(backend)
+    assert attrs["floatx"]() == keras.backend.floatx()
+    assert attrs["image_data_format"]() == keras.backend.image_data_format()
+    assert image_module_reduce(np) is NotImplemented
