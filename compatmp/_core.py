@@ -456,7 +456,15 @@ class _Core:
         while any(self.tasks.load(h.id) for h in self.handles):
             self._pump_until(deadline, "to finish their batches before the dataset update")
 
-    def broadcast_dataset(self, payload: Any, timeout: float | None) -> None:
+    def broadcast_dataset(self, payload: Any, timeout: float | None, reset: tuple = ()) -> None:
+        """Send every worker ``payload`` as its dataset and wait for all acknowledgements.
+
+        Args:
+            payload (object): the dataset as the transport carries it.
+            timeout (float | None): seconds for the whole exchange (None: no limit).
+            reset (tuple): empty, or ``(base_seed, seed_batches, init_payload)`` for reused
+                workers starting a new call (NOTE [ Reused workers ] in _reuse).
+        """
         self.version += 1
         version = self.version
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -465,7 +473,7 @@ class _Core:
             # (possibly big) send cannot deadlock against it.
             while self.tasks.load(h.id):
                 self._pump_until(deadline, "to finish its batches before the dataset update")
-            self._send(h, (_worker.DATASET, version, payload))
+            self._send(h, (_worker.DATASET, version, payload, *reset))
         while any(h.version < version for h in self.handles):
             self._pump_until(deadline, "to acknowledge the dataset update")
 
