@@ -2,10 +2,12 @@
 
 The public wrappers: they bind and check the arguments and classify the inputs
 (:mod:`compatmp._fitargs`, all before any worker starts), pass data Keras loads itself to
-Keras unchanged, start one :class:`~compatmp._pool.OrderedPool` for the whole call (training
-and validation share it), hand Keras the proxies from :mod:`compatmp._feeder` (Keras 3) or
-:mod:`compatmp._keras2` (Keras 2, chosen from the model), and stop every worker when the call
-ends, however it ends. How Keras asks for batches, and how the feeder answers, is described in
+Keras unchanged, take one :class:`~compatmp._pool.OrderedPool` for the whole call (training
+and validation share it; an idle one kept from an earlier call when it fits, NOTE [ Reused
+workers ] in :mod:`compatmp._reuse`), hand Keras the proxies from :mod:`compatmp._feeder`
+(Keras 3) or :mod:`compatmp._keras2` (Keras 2, chosen from the model), and when the call ends
+give the pool back to be kept idle (the call ended normally) or stop every worker (it raised,
+however). How Keras asks for batches, and how the feeder answers, is described in
 NOTE [ How Keras 3 drives a PyDataset ], NOTE [ How Keras 2 drives a Sequence ] and
 NOTE [ One pool for training and validation ].
 
@@ -583,7 +585,8 @@ def fit(
     model's own ``fit``. A dataset's batches come from one :class:`compatmp.OrderedPool`
     that lives for the whole call - across epochs and validation, unlike Keras' enqueuer,
     which restarts its pool every epoch - started with a start method that is safe on this
-    platform (:func:`compatmp.decide_start_method`). Keras never pickles anything: it sees a
+    platform (:func:`compatmp.decide_start_method`), and kept idle for the next call
+    (``idle_timeout``). Keras never pickles anything: it sees a
     proxy (``PyDataset`` or Keras 2 ``Sequence``) without workers.
 
     Data Keras loads itself - arrays, tensors, dicts, ``(x, y)`` tuples, ``tf.data``, a torch

@@ -789,3 +789,21 @@ def test_a_failed_call_closes_the_kept_workers_and_the_next_call_starts_fresh(me
 def test_idle_timeout_is_checked_before_any_worker_starts():
     with pytest.raises(ValueError, match="idle_timeout"):
         compatmp.predict(identity_model(), kd.PidDataset(24, 8), workers=2, idle_timeout=-1)
+
+
+@pytest.mark.timeout(300)
+def test_keyboard_interrupt_mid_fit_closes_the_kept_workers():
+    from compatmp import _reuse
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise KeyboardInterrupt
+
+    loader = dict(workers=2, start_method=KEPT_METHODS[-1])
+    compatmp.predict(identity_model(), kd.PidDataset(24, 8), verbose=0, **loader)
+    kept = _idle_pool()
+    with pytest.raises(KeyboardInterrupt):
+        compatmp.fit(tiny_model(), kd.ArrayDataset(), callbacks=[Interrupt()], verbose=0,
+                     **loader)
+    assert kept.closed and _reuse.idle_pools() == 0
