@@ -807,3 +807,12 @@ def test_keyboard_interrupt_mid_fit_closes_the_kept_workers():
         compatmp.fit(tiny_model(), kd.ArrayDataset(), callbacks=[Interrupt()], verbose=0,
                      **loader)
     assert kept.closed and _reuse.idle_pools() == 0
+
+
+@pytest.mark.timeout(300)
+def test_calls_benchmark_sees_each_worker_start_once_with_reuse_and_three_times_without():
+    from compatmp.bench import calls
+
+    method = KEPT_METHODS[-1]
+    assert calls.run_script(method, "plain", None)["starts"] == 2
+    assert calls.run_script(method, "plain", 0)["starts"] == 6
