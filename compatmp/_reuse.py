@@ -22,6 +22,9 @@ idempotent: it runs once per call in each worker, as with fresh workers). What i
 process (pid), imported modules and module-level globals (including any a dataset or
 ``worker_init_fn`` set), other libraries' RNG states unless ``worker_init_fn`` reseeds them,
 and its own batch shared-memory blocks (reused for the new batches).
+While idle, a pool still holds its last call's dataset: each worker's copy and the main-owned
+shared-memory blocks of its big buffers (and, through them, the main's arrays), until the next
+call replaces it or the pool ends.
 
 Which pools are kept: spawn and forkserver only. A fork worker is a copy of the main process
 as it was at the fork (the dataset object inherited, every global the main had): a fresh fork
