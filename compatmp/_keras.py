@@ -170,7 +170,23 @@ def _classify(x: object, arg: str, flavour: int, y: object = None) -> str:
 # The calls
 
 
-def _open_pool(dataset: object, loader: Loader, workers: int, method: str) -> Any:
+def _open_pool(
+    dataset: object, loader: Loader, workers: int, method: str, idle_timeout: float = 0.0
+) -> Any:
+    """The call's pool: with ``idle_timeout`` > 0 (seconds) a :class:`compatmp._reuse.Lease`
+    (an idle pool kept from an earlier call if one fits; kept idle after the call), else a
+    new :class:`~compatmp._pool.OrderedPool` the session closes. Every pool the wrappers
+    start comes from here."""
+    if idle_timeout > 0:
+        from . import _reuse
+
+        return _reuse.acquire(
+            dataset,
+            workers=workers,
+            start_method=method,
+            idle_timeout=idle_timeout,
+            **loader.pool_options(),
+        )
     from ._pool import OrderedPool
 
     return OrderedPool(dataset, workers=workers, start_method=method, **loader.pool_options())
@@ -356,15 +372,7 @@ def _dataset_proxies(session: _Session, call: _Call, shuffle: bool) -> list[Any]
                 root = _Sized(root)  # a num_batches-only PyDataset
         else:
             root = _TrainAndValidation(datasets[0][0], datasets[1][0])
-        from . import _reuse
-
-        pool = _reuse.acquire(
-            root,
-            workers=loader.workers,
-            start_method=loader.start_method,
-            idle_timeout=call.idle_timeout,
-            **loader.pool_options(),
-        )
+        pool = _open_pool(root, loader, loader.workers, loader.start_method, call.idle_timeout)
         session.pools.append(pool)
         _log_decision(call.fn, pool)
         state = _PoolState(pool, root)
