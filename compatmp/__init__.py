@@ -36,6 +36,7 @@ from ._platform import (
     diagnose,
 )
 from ._pool import OrderedPool
+from ._reuse import shutdown
 from ._seeds import batch_rng
 from ._serialize import CompatPickler, dumps, loads
 from ._shared_data import DatasetUpdate
@@ -92,6 +93,7 @@ __all__ = [
     "get_worker_info",
     "loads",
     "predict",
+    "shutdown",
     "threadsafe_generator",
     "threadsafe_iter",
 ]

@@ -534,7 +534,7 @@ class _Core:
         while any(self.tasks.load(h.id) for h in self.handles):
             clock.pump("to finish their batches before the dataset update")
 
-    def broadcast_dataset(self, payload: Any, timeout: float | None) -> None:
+    def broadcast_dataset(self, payload: Any, timeout: float | None, reset: tuple = ()) -> None:
         """Send ``payload`` (the dataset's new state) to every worker and wait for each
         worker's acknowledgement.
 
@@ -543,6 +543,8 @@ class _Core:
                 shared memory, or the object itself for threads).
             timeout (float | None): seconds without progress, as in :meth:`wait_idle`; an
                 acknowledgement counts as progress.
+            reset (tuple): empty, or ``(base_seed, seed_batches, init_payload)`` for reused
+                workers starting a new call (NOTE [ Reused workers ] in _reuse).
 
         Raises:
             WorkerTimeoutError, WorkerCrashedError: as in :meth:`wait_idle`.
@@ -556,7 +558,7 @@ class _Core:
             # (possibly big) send cannot deadlock against it.
             while self.tasks.load(h.id):
                 clock.pump("to finish its batches before the dataset update")
-            self._send(h, (_worker.DATASET, version, payload))
+            self._send(h, (_worker.DATASET, version, payload, *reset))
         while any(h.version < version for h in self.handles):
             clock.pump("to acknowledge the dataset update")
 

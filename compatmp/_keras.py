@@ -2,10 +2,12 @@
 
 The public wrappers: they bind and check the arguments and classify the inputs
 (:mod:`compatmp._fitargs`, all before any worker starts), pass data Keras loads itself to
-Keras unchanged, start one :class:`~compatmp._pool.OrderedPool` for the whole call (training
-and validation share it), hand Keras the proxies from :mod:`compatmp._feeder` (Keras 3) or
-:mod:`compatmp._keras2` (Keras 2, chosen from the model), and stop every worker when the call
-ends, however it ends. How Keras asks for batches, and how the feeder answers, is described in
+Keras unchanged, take one :class:`~compatmp._pool.OrderedPool` for the whole call (training
+and validation share it; an idle one kept from an earlier call when it fits, NOTE [ Reused
+workers ] in :mod:`compatmp._reuse`), hand Keras the proxies from :mod:`compatmp._feeder`
+(Keras 3) or :mod:`compatmp._keras2` (Keras 2, chosen from the model), and when the call ends
+give the pool back to be kept idle (the call ended normally) or stop every worker (it raised,
+however). How Keras asks for batches, and how the feeder answers, is described in
 NOTE [ How Keras 3 drives a PyDataset ], NOTE [ How Keras 2 drives a Sequence ] and
 NOTE [ One pool for training and validation ].
 
@@ -168,7 +170,23 @@ def _classify(x: object, arg: str, flavour: int, y: object = None) -> str:
 # The calls
 
 
-def _open_pool(dataset: object, loader: Loader, workers: int, method: str) -> Any:
+def _open_pool(
+    dataset: object, loader: Loader, workers: int, method: str, idle_timeout: float = 0.0
+) -> Any:
+    """The call's pool: with ``idle_timeout`` > 0 (seconds) a :class:`compatmp._reuse.Lease`
+    (an idle pool kept from an earlier call if one fits; kept idle after the call), else a
+    new :class:`~compatmp._pool.OrderedPool` the session closes. Every pool the wrappers
+    start comes from here."""
+    if idle_timeout > 0:
+        from . import _reuse
+
+        return _reuse.acquire(
+            dataset,
+            workers=workers,
+            start_method=method,
+            idle_timeout=idle_timeout,
+            **loader.pool_options(),
+        )
     from ._pool import OrderedPool
 
     return OrderedPool(dataset, workers=workers, start_method=method, **loader.pool_options())
@@ -178,6 +196,8 @@ def _log_decision(fn: str, pool: Any) -> None:
     decision = pool.decision
     if decision.method == "thread":
         how = f"{pool.workers} worker thread(s)"
+    elif getattr(pool, "reused", False):
+        how = f"{pool.workers} worker process(es) ({decision.method}) kept from the last call"
     else:
         how = f"{pool.workers} worker process(es) started with {decision.method}"
     _log.info("compatmp.%s: %s; %s", fn, how, decision.reason)
@@ -187,13 +207,20 @@ class _Session:
     """Everything one fit/evaluate/predict call starts; :meth:`close` stops all of it."""
 
     def __init__(self) -> None:
-        self.pools: list[Any] = []
+        self.pools: list[Any] = []  # OrderedPool or _reuse.Lease
         self.feeders: list[_Feeder] = []
         self.generator_errors: list[BaseException] = []
 
+    def fail(self) -> None:
+        """The call failed: its pools are closed, never kept (NOTE [ Reused workers ])."""
+        for pool in self.pools:
+            if hasattr(pool, "reusable"):
+                pool.reusable = False
+
     def close(self) -> None:
         # Close the pools without taking the feeders' locks: a TensorFlow thread may still be
-        # inside a feeder waiting for a batch, and OrderedPool.close() ends its stream.
+        # inside a feeder waiting for a batch, and OrderedPool.close() ends its stream. A
+        # lease keeps its pool for the next call unless fail() ran (compatmp._reuse).
         for pool in self.pools:
             pool.close()
         # Drop the errors kept for _call_keras: a feeder is reachable from the generator in
@@ -217,6 +244,7 @@ class _Call:
         self, fn: str, model: Any, x: Any, args: tuple, kwargs: dict, loader: dict
     ) -> None:
         self.fn = fn
+        self.idle_timeout = 0.0  # seconds to keep the workers after the call (_run sets it)
         kwargs = bind_keras_args(model, fn, args, kwargs)
         for name in LOADER_ARGS:  # Keras 2 has them in its positional order
             if name in kwargs:
@@ -344,7 +372,7 @@ def _dataset_proxies(session: _Session, call: _Call, shuffle: bool) -> list[Any]
                 root = _Sized(root)  # a num_batches-only PyDataset
         else:
             root = _TrainAndValidation(datasets[0][0], datasets[1][0])
-        pool = _open_pool(root, loader, loader.workers, loader.start_method)
+        pool = _open_pool(root, loader, loader.workers, loader.start_method, call.idle_timeout)
         session.pools.append(pool)
         _log_decision(call.fn, pool)
         state = _PoolState(pool, root)
@@ -388,6 +416,7 @@ def _call_keras(session: _Session, call: Callable[[], Any]) -> Any:
         return call()
     except BaseException as exc:
         original = session.first_error() if isinstance(exc, Exception) else None
+        session.fail()
         session.close()
         _release_keras_frames(exc, original)
         if original is not None and original is not exc and _wraps(exc, original):
@@ -435,10 +464,21 @@ def _wraps(exc: BaseException, original: BaseException) -> bool:
 
 
 def _run(
-    fn: str, model: Any, x: Any, args: tuple, kwargs: dict[str, Any], loader: dict[str, Any]
+    fn: str,
+    model: Any,
+    x: Any,
+    args: tuple,
+    kwargs: dict[str, Any],
+    loader: dict[str, Any],
+    idle_timeout: float | None = None,
 ) -> Any:
-    """Check everything, start the workers, call ``model.<fn>``, stop the workers."""
+    """Check everything, start (or reuse) the workers, call ``model.<fn>``, then stop the
+    workers or keep them idle for the next call (NOTE [ Reused workers ] in _reuse)."""
+    from ._reuse import resolve_idle_timeout
+
+    idle = resolve_idle_timeout(idle_timeout)
     call = _Call(fn, model, x, args, kwargs, loader)
+    call.idle_timeout = idle
     x, torch_loaders = _torch_loaders(call, x)
     try:
         return _run_call(call, model, x, bool(torch_loaders))
@@ -497,6 +537,7 @@ def _run_call(call: _Call, model: Any, x: Any, loaders_adopted: bool) -> Any:
     try:
         keras_x, keras_val = _prepare(session, call, x, shuffle)
     except BaseException:
+        session.fail()
         session.close()
         raise
     if "validation_data" in kwargs:
@@ -561,7 +602,14 @@ _LOADER_DOC = """
             id before its first batch (default: None).
         stall_timeout (float | None): seconds without a batch before a WARNING on the
             ``compatmp`` logger names the stuck worker, its index and its Python stack, then
-            keeps waiting; 0 or None disables it (default: 60)."""
+            keeps waiting; 0 or None disables it (default: 60).
+        idle_timeout (float | None): seconds the worker processes (spawn, forkserver) stay
+            after the call, idle, for the next ``fit``/``evaluate``/``predict`` with the same
+            start method, ``workers``, ``worker_init_fn`` and stall reports on or off, which
+            then skips starting workers; 0: stop them when the call ends (default: None:
+            ``COMPATMP_IDLE_TIMEOUT``, else 60). A call that fails stops them;
+            ``compatmp.shutdown()`` stops idle ones now. What a reused worker keeps: NOTE
+            [ Reused workers ] in compatmp._reuse."""
 
 
 def fit(
@@ -576,6 +624,7 @@ def fit(
     seed: int | None = None,
     worker_init_fn: Callable[[int], Any] | None = None,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    idle_timeout: float | None = None,
     **kwargs: Any,
 ) -> Any:
     """Train ``model`` on data loaded by worker processes (or threads where unsafe).
@@ -585,7 +634,8 @@ def fit(
     model's own ``fit``. A dataset's batches come from one :class:`compatmp.OrderedPool`
     that lives for the whole call - across epochs and validation, unlike Keras' enqueuer,
     which restarts its pool every epoch - started with a start method that is safe on this
-    platform (:func:`compatmp.decide_start_method`). Keras never pickles anything: it sees a
+    platform (:func:`compatmp.decide_start_method`), and kept idle for the next call
+    (``idle_timeout``). Keras never pickles anything: it sees a
     proxy (``PyDataset`` or Keras 2 ``Sequence``) without workers.
 
     Data Keras loads itself - arrays, tensors, dicts, ``(x, y)`` tuples, ``tf.data``, a torch
@@ -640,7 +690,7 @@ def fit(
             traceback as ``__cause__`` (TensorFlow would wrap it in ``InvalidArgumentError``).
     """
     loader = _loader_settings(locals())
-    return _run("fit", model, x, args, kwargs, loader)
+    return _run("fit", model, x, args, kwargs, loader, idle_timeout)
 
 
 def evaluate(
@@ -655,6 +705,7 @@ def evaluate(
     seed: int | None = None,
     worker_init_fn: Callable[[int], Any] | None = None,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    idle_timeout: float | None = None,
     **kwargs: Any,
 ) -> Any:
     """Evaluate ``model`` on data loaded by compatmp workers; a drop-in for ``model.evaluate``.
@@ -677,7 +728,7 @@ def evaluate(
             for :func:`fit`.
     """
     loader = _loader_settings(locals())
-    return _run("evaluate", model, x, args, kwargs, loader)
+    return _run("evaluate", model, x, args, kwargs, loader, idle_timeout)
 
 
 def predict(
@@ -692,6 +743,7 @@ def predict(
     seed: int | None = None,
     worker_init_fn: Callable[[int], Any] | None = None,
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT,
+    idle_timeout: float | None = None,
     **kwargs: Any,
 ) -> Any:
     """Predict on data loaded by compatmp workers; rows come back in dataset order.
@@ -716,7 +768,7 @@ def predict(
             for :func:`fit`.
     """
     loader = _loader_settings(locals())
-    return _run("predict", model, x, args, kwargs, loader)
+    return _run("predict", model, x, args, kwargs, loader, idle_timeout)
 
 
 for _fn in (fit, evaluate, predict):

@@ -186,6 +186,7 @@ class OrderedPool:
             else:
                 self._sharer = sharer
         self._decision = decision
+        self._worker_init_fn = worker_init_fn
         self._dataset = None if decision.uses_processes else dataset
         self._active: weakref.ref | None = None
         self._core = _Core(
@@ -407,6 +408,73 @@ class OrderedPool:
         self._broadcast(update.payload)
         sharer.commit(update)
         return update.report
+
+    def _start_new_call(
+        self,
+        dataset: Any,
+        *,
+        seed: int | None,
+        max_queue_size: int,
+        timeout: float | None,
+        stall_timeout: float | None,
+    ) -> None:
+        """Private (the Keras wrappers' pool cache): serve a new call with these workers.
+
+        The workers drop the old dataset, get ``dataset`` as a fresh pool's would (settled,
+        pickled again, big buffers in new shared-memory blocks; the old blocks are unlinked),
+        are reseeded from the new ``seed`` and run ``worker_init_fn`` again; pass numbers
+        restart at 0. NOTE [ Reused workers ] in :mod:`compatmp._reuse`. Process pools that
+        own their dataset by value only (spawn, forkserver).
+
+        Args:
+            dataset (object): the new call's dataset.
+            seed (int | None): the new call's seed (None: a fresh one).
+            max_queue_size (int): batches ahead, as in the constructor.
+            timeout (float | None): seconds, as in the constructor; also bounds this exchange.
+            stall_timeout (float | None): seconds, as in the constructor (0/None: off; only
+                on or off as the pool was started).
+
+        Raises:
+            RuntimeError: the pool is closed, busy in another thread, or not a spawn or
+                forkserver pool.
+            SerializationError: ``dataset`` cannot be pickled; the pool is unchanged.
+            Exception: a worker failed to load ``dataset`` or died (the pool is closed).
+        """
+        self._check_open()
+        if self._sharer is None or self._decision.method not in ("spawn", "forkserver"):
+            raise RuntimeError(f"compatmp: {self!r} cannot be reused for another call")
+        _check_dataset(dataset)
+        check_seed(seed)
+        previous = self._active() if self._active is not None else None
+        if previous is not None:
+            if previous.gi_running:
+                raise RuntimeError("compatmp: a reused pool is still iterated by a thread")
+            previous.close()  # its pending batches are dropped
+        self._active = None
+        settle(dataset)  # NOTE [ Settling a dataset ]
+        sharer = DatasetSharer(SHARE_THRESHOLD)
+        sharer.check(dataset)  # SerializationError: nothing changed
+        init_fn = self._worker_init_fn
+        init_payload = dumps(init_fn, root="worker_init_fn") if init_fn is not None else None
+        new_seed = seed if seed is not None else secrets.randbits(64)
+        core = self._core
+        try:
+            core.wait_idle(timeout)
+            payload = sharer.start(core.shm_prefix, dataset)
+            reset = (new_seed, seed is not None, init_payload)
+            core.broadcast_dataset(payload, timeout, reset=reset)
+        except BaseException as exc:
+            sharer.close()
+            core.close(f"it was shut down after {type(exc).__name__} while reused")
+            raise
+        old, self._sharer, core.sharer = self._sharer, sharer, sharer
+        old.close()  # the workers dropped the old dataset: its blocks go
+        core.seed_batches = seed is not None
+        core.stall_timeout = stall_timeout or None
+        self._seed = new_seed
+        self._passes = 0
+        self._max_queue_size = max_queue_size
+        self._timeout = timeout
 
     def _broadcast(self, payload: Any) -> None:
         try:

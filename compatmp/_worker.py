@@ -15,6 +15,11 @@ main -> worker::
     ("dataset", version, payload)      replace the dataset (as WorkerConfig.dataset: what
                                        _shared_data prepared for processes and Ray, the
                                        object in thread mode), then answer ("updated", version)
+    ("dataset", version, payload, base_seed, seed_batches, init_fn)
+                                       a reused worker's new call (NOTE [ Reused workers ] in
+                                       _reuse): reseed as at start-up from base_seed, drop
+                                       the old dataset, load payload, run init_fn (as
+                                       WorkerConfig.init_fn) again, then answer "updated"
     ("release", send_idx)              the main process no longer uses that batch's
                                        shared-memory blocks (its last view is garbage):
                                        they may be reused
@@ -60,7 +65,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from . import _seeds, _shm, _stall
@@ -603,6 +608,20 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
         channel.close()
 
 
+def _reset(config: WorkerConfig, base_seed: int, seed_batches: bool) -> WorkerConfig:
+    """A reused worker's new call: seeds and :func:`get_worker_info` as in a fresh worker."""
+    global _process_info
+    config = replace(config, base_seed=base_seed, seed_batches=seed_batches)
+    seed64, words = derive_seed(base_seed, config.worker_id)
+    info = WorkerInfo(config.worker_id, config.num_workers, seed64)
+    if config.in_process:
+        _process_info = info
+        _seed_globals(seed64, words)
+    else:
+        _thread_info.info = info
+    return config
+
+
 def _send(channel: Channel, msg: tuple) -> None:
     try:
         channel.send(msg)
@@ -631,7 +650,13 @@ def _loop(
             _run_task(channel, config, dataset, msg[1], msg[2], blocks, msg[3])
         elif kind == DATASET:
             try:
+                if len(msg) > 3:  # a reused worker's new call: NOTE [ Reused workers ]
+                    dataset = None  # the old dataset goes first, whatever follows
+                    config = _reset(config, msg[3], msg[4])
                 dataset = _materialize(msg[2], config.in_process)
+                init_fn = _materialize(msg[5], config.in_process) if len(msg) > 3 else None
+                if init_fn is not None:
+                    init_fn(config.worker_id)
             except _Terminated:
                 raise
             except BaseException as exc:

@@ -39,6 +39,7 @@ PUBLIC = {
     "get_worker_info",
     "loads",
     "predict",
+    "shutdown",
     "threadsafe_generator",
     "threadsafe_iter",
 }

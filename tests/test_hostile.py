@@ -577,12 +577,13 @@ def _settled(expected: dict[str, int], timeout: float = SETTLE_S) -> dict[str, i
         time.sleep(0.05)
 
 
-def _warm_up(method: str, model: object) -> dict[str, int]:
+def _warm_up(method: str, model: object, **kwargs: object) -> dict[str, int]:
     # Allowances, all by design and all in place before the baseline is taken: TensorFlow
     # starts its thread pools at the first fit and keeps them; multiprocessing's resource
     # tracker (our shared memory registers there) and forkserver process, started by the first
-    # pool that needs them, live until the interpreter exits.
-    _fit(hh.TinyDataset(4, hh.BIG_ROWS, reshuffle=True), method, model, epochs=2)
+    # pool that needs them, live until the interpreter exits; spawn and forkserver workers
+    # kept idle for the next call (NOTE [ Reused workers ]), which later fits reuse.
+    _fit(hh.TinyDataset(4, hh.BIG_ROWS, reshuffle=True), method, model, epochs=2, **kwargs)
     return _resources()
 
 
@@ -627,10 +628,11 @@ LONG_RUN_EPOCHS = 200
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_two_hundred_epochs_on_one_pool_do_not_grow(method):
     model = hh.tiny_model()
-    baseline = _warm_up(method, model)
+    # Workers not kept between calls: this fit's workers are its own (counted below).
+    baseline = _warm_up(method, model, idle_timeout=0)
     log = ResourceLog(worker_processes(), {0, LONG_RUN_EPOCHS // 2, LONG_RUN_EPOCHS - 1})
     dataset = hh.TinyDataset(2, hh.BIG_ROWS, reshuffle=True)  # re-sent to workers every epoch
-    history = _fit(dataset, method, model, epochs=LONG_RUN_EPOCHS, callbacks=[log])
+    history = _fit(dataset, method, model, epochs=LONG_RUN_EPOCHS, callbacks=[log], idle_timeout=0)
     assert len(history.history["loss"]) == LONG_RUN_EPOCHS
     assert dataset.offset == LONG_RUN_EPOCHS + 1  # plus Keras' on_epoch_end before epoch 1
     (first, workers), _, (last, _) = log.log

@@ -725,3 +725,93 @@ def test_torch_backend_in_a_subprocess():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "torch backend ok" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# Workers kept between calls (NOTE [ Reused workers ] in compatmp/_reuse.py)
+
+KEPT_METHODS = [m for m in ("forkserver", "spawn") if m in PROCESS_METHODS]
+
+
+def _idle_pool() -> OrderedPool:
+    from compatmp import _reuse
+
+    (pool,) = [entry[0] for entry in _reuse._idle.values()]
+    return pool
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", KEPT_METHODS)
+def test_fit_evaluate_predict_start_each_worker_once_and_give_fresh_workers_results(method):
+    def script(idle_timeout):
+        loader = dict(workers=2, start_method=method, seed=5, idle_timeout=idle_timeout)
+        model = tiny_model()
+        dataset = kd.ArrayDataset(48, 8, reshuffle=True)
+        history = compatmp.fit(model, dataset, epochs=2, verbose=0, **loader)
+        pools = [_idle_pool() if idle_timeout else None]
+        metrics = compatmp.evaluate(model, kd.ArrayDataset(40, 8), verbose=0, **loader)
+        pools.append(_idle_pool() if idle_timeout else None)
+        got = compatmp.predict(identity_model(), kd.PidDataset(24, 8), verbose=0, **loader)
+        pools.append(_idle_pool() if idle_timeout else None)
+        return history, metrics, got, pools
+
+    history, metrics, got, pools = script(idle_timeout=30)
+    assert pools[0] is pools[1] is pools[2] and not pools[0].closed
+    pids = {h.pid for h in pools[0]._core.handles}
+    assert set(got[:, 1].astype(int)) <= pids and len(pids) == 2  # two workers, started once
+    compatmp.shutdown()
+    assert pools[0].closed
+
+    fresh_history, fresh_metrics, fresh_got, _ = script(idle_timeout=0)
+    assert_same_history = kd.assert_same_history
+    assert_same_history(history, fresh_history)
+    np.testing.assert_allclose(metrics, fresh_metrics, rtol=1e-6)
+    np.testing.assert_array_equal(got[:, [0, 2]], fresh_got[:, [0, 2]])
+    assert not set(fresh_got[:, 1].astype(int)) & pids
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", KEPT_METHODS)
+def test_a_failed_call_closes_the_kept_workers_and_the_next_call_starts_fresh(method):
+    from compatmp import _reuse
+
+    loader = dict(workers=2, start_method=method)
+    compatmp.predict(identity_model(), kd.PidDataset(24, 8), verbose=0, **loader)
+    kept = _idle_pool()
+    with pytest.raises(KeyError):
+        compatmp.fit(tiny_model(), kd.FailingDataset(fail_at=2), verbose=0, **loader)
+    assert kept.closed and _reuse.idle_pools() == 0  # taken by the failing call, then closed
+    got = compatmp.predict(identity_model(), kd.PidDataset(24, 8), verbose=0, **loader)
+    assert not set(got[:, 1].astype(int)) & {h.pid for h in kept._core.handles}
+    assert _idle_pool() is not kept
+
+
+def test_idle_timeout_is_checked_before_any_worker_starts():
+    with pytest.raises(ValueError, match="idle_timeout"):
+        compatmp.predict(identity_model(), kd.PidDataset(24, 8), workers=2, idle_timeout=-1)
+
+
+@pytest.mark.timeout(300)
+def test_keyboard_interrupt_mid_fit_closes_the_kept_workers():
+    from compatmp import _reuse
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise KeyboardInterrupt
+
+    loader = dict(workers=2, start_method=KEPT_METHODS[-1])
+    compatmp.predict(identity_model(), kd.PidDataset(24, 8), verbose=0, **loader)
+    kept = _idle_pool()
+    with pytest.raises(KeyboardInterrupt):
+        compatmp.fit(tiny_model(), kd.ArrayDataset(), callbacks=[Interrupt()], verbose=0, **loader)
+    assert kept.closed and _reuse.idle_pools() == 0
+
+
+@pytest.mark.timeout(300)
+def test_calls_benchmark_sees_each_worker_start_once_with_reuse_and_three_times_without():
+    from compatmp.bench import calls
+
+    method = KEPT_METHODS[-1]
+    assert calls.run_script(method, "plain", None)["starts"] == 2
+    assert calls.run_script(method, "plain", 0)["starts"] == 6

@@ -411,3 +411,33 @@ def test_spawn_workers_of_a_keras2_sequence_import_no_tensorflow(tmp_path):
     # imports it.
     assert lines["uses"] == str([(1, True), (2, True)])
     assert lines["predict"] == "(8, 1)"
+
+
+@pytest.mark.timeout(300)
+def test_keras2_calls_keep_their_workers_and_match_fresh_ones():
+    """NOTE [ Reused workers ]: the Keras 2 path leases the same pool; fit -> evaluate ->
+    predict start each spawn worker once and give what fresh workers give."""
+    from compatmp import _reuse
+
+    def script(idle_timeout):
+        loader = dict(workers=2, start_method="spawn", seed=3, idle_timeout=idle_timeout)
+        model = tiny_model()
+        pools = []
+        history = compatmp.fit(model, k2.sequence_class()(48, 8), epochs=2, verbose=0, **loader)
+        pools.append(list(_reuse._idle.values()))
+        metrics = compatmp.evaluate(model, kd.ArrayDataset(40, 8), verbose=0, **loader)
+        pools.append(list(_reuse._idle.values()))
+        got = compatmp.predict(model, kd.InputsOnlyDataset(24, 8), verbose=0, **loader)
+        pools.append(list(_reuse._idle.values()))
+        return history, metrics, got, pools
+
+    history, metrics, got, pools = script(30)
+    (kept,) = {entry[0] for entries in pools for entry in entries}
+    assert all(len(entries) == 1 for entries in pools)
+    compatmp.shutdown()
+    assert kept.closed
+    fresh_history, fresh_metrics, fresh_got, fresh_pools = script(0)
+    assert fresh_pools == [[], [], []]
+    kd.assert_same_history(history, fresh_history)
+    np.testing.assert_allclose(metrics, fresh_metrics, rtol=1e-6)
+    np.testing.assert_allclose(got, fresh_got, rtol=1e-6)

@@ -52,9 +52,9 @@ def pool_kwargs(monkeypatch):
     calls: list[dict] = []
     original = ck._open_pool
 
-    def recording(dataset, loader, workers, method):
+    def recording(dataset, loader, workers, method, *idle_timeout):
         calls.append({"workers": workers, "start_method": method, **loader.pool_options()})
-        return original(dataset, loader, workers, method)
+        return original(dataset, loader, workers, method, *idle_timeout)
 
     monkeypatch.setattr(ck, "_open_pool", recording)
     return calls

@@ -170,14 +170,14 @@ def measure(
 
 def _table(results: list[dict[str, Any]], methods: list[str]) -> str:
     def med(method: str, epoch: int, key: str) -> float:
-        return statistics.median(
-            r["epochs"][epoch][key] for r in results if r["method"] == method
-        )
+        return statistics.median(r["epochs"][epoch][key] for r in results if r["method"] == method)
 
     loads = [r["load"] for r in results if r["load"] is not None]
     rows = [
         f"Big batches filled in place: {len(results) // len(methods)} rounds, median per "
-        f"method; load average {min(loads):.1f}-{max(loads):.1f}" if loads else "",
+        f"method; load average {min(loads):.1f}-{max(loads):.1f}"
+        if loads
+        else "",
         "",
         "| method | epoch 1 ms/batch | x threads | epoch 2 ms/batch | x threads "
         "| main CPU ms/batch (ep. 2) | new blocks (ep. 1 / ep. 2) |",
