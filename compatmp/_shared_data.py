@@ -21,7 +21,9 @@ with the pool's batch-block prefix (:func:`compatmp._shm.block_prefix`), so the 
 finds them too; if the main process is killed, ``multiprocessing``'s resource tracker, with
 which ``SharedMemory(create=True)`` registered them, unlinks them. Workers map with
 ``shm_open`` + ``mmap(MAP_PRIVATE)`` (``FILE_MAP_COPY`` on Windows), never through
-``SharedMemory``, so they never register a block with the tracker and never unlink one.
+``SharedMemory``, so they never register a block with the tracker and never unlink one, and
+close the descriptor once mapped (:func:`compatmp._shm.map_fd`): a dataset of thousands of
+big arrays costs a worker no descriptor for them.
 
 Writes in a worker. A worker's mapping is private (``MAP_PRIVATE``/``ACCESS_COPY``), so it
 may write into the dataset's arrays (a decode cache filled in ``__getitem__``) and the write
@@ -249,8 +251,9 @@ def _map_private(name: str, nbytes: int) -> memoryview:
 
     Mirrors ``multiprocessing.shared_memory.SharedMemory.__init__`` (CPython 3.8-3.14):
     ``shm_open`` + ``mmap`` on POSIX (``MAP_PRIVATE``, ``PROT_READ | PROT_WRITE``: POSIX
-    allows it on a descriptor opened read-only, since writes never reach the object), a
-    named file mapping on Windows (``ACCESS_COPY``: ``FILE_MAP_COPY``).
+    allows it on a descriptor opened read-only, since writes never reach the object; the
+    descriptor is closed once mapped, :func:`compatmp._shm.map_fd`), a named file mapping on
+    Windows (``ACCESS_COPY``: ``FILE_MAP_COPY``).
 
     Raises:
         FileNotFoundError: the block is gone.
@@ -268,9 +271,7 @@ def _map_private(name: str, nbytes: int) -> memoryview:
                 "gone; was /dev/shm cleaned while the pool ran?"
             ) from exc
         try:
-            mm = mmap.mmap(
-                fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            return _shm.map_fd(fd, nbytes, private=True)  # keeps no descriptor
         finally:
             os.close(fd)
     return memoryview(mm)[:nbytes]

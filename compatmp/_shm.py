@@ -128,6 +128,7 @@ __all__ = [
     "create_block",
     "current_pid_namespace",
     "ensure_tracker",
+    "map_fd",
     "names",
     "owner_prefix",
     "pool_token",
@@ -314,8 +315,19 @@ def _c_mmap() -> Any:
     return _libc_mmap
 
 
-def _map_fd(fd: int, size: int) -> memoryview:
-    """Map ``size`` bytes of ``fd`` read-write and shared; the mapping keeps no descriptor.
+def map_fd(fd: int, size: int, private: bool = False) -> memoryview:
+    """Map ``size`` bytes of ``fd`` read-write; the mapping keeps no descriptor.
+
+    Args:
+        fd (int): an open descriptor of a shared-memory block (or any mappable file).
+        size (int): bytes to map, from offset 0.
+        private (bool): False (default): ``MAP_SHARED``, writes reach the block;
+            True: ``MAP_PRIVATE``, copy-on-write, writes stay in this process (the
+            dataset's blocks in workers, NOTE [ Shared dataset buffers ] in
+            ``compatmp._shared_data``; ``fd`` may then be open read-only).
+
+    Raises:
+        OSError: the kernel refused the mapping (``errno`` from ``mmap``).
 
     The caller may close ``fd`` at once. The mapping is unmapped when the returned memoryview
     and everything made from it (NumPy arrays, slices) are garbage - never earlier, so no
@@ -326,13 +338,16 @@ def _map_fd(fd: int, size: int) -> memoryview:
     library's ``mmap``/``munmap`` through ctypes, and falls back to ``mmap.mmap`` (one
     descriptor per block) where ctypes is missing.
     """
+    flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
     if sys.version_info >= (3, 13):
-        return memoryview(mmap.mmap(fd, size, trackfd=False))  # type: ignore[call-arg]
+        mm = mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)  # type: ignore[call-arg]
+        return memoryview(mm)
     try:
         c_mmap, c_munmap, ctypes = _c_mmap()
     except (ImportError, OSError, AttributeError):  # pragma: no cover - no ctypes here
-        return memoryview(mmap.mmap(fd, size))
-    addr = c_mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+        return memoryview(mmap.mmap(fd, size, flags=flags, prot=prot))
+    addr = c_mmap(None, size, prot, flags, fd, 0)
     if addr is None or addr == ctypes.c_void_p(-1).value:  # MAP_FAILED
         err = ctypes.get_errno()
         raise OSError(err, f"mmap of a {size}-byte shared-memory block: {os.strerror(err)}")
@@ -377,7 +392,7 @@ class Block:
         fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         try:
             os.ftruncate(fd, size)
-            buf = _map_fd(fd, size)
+            buf = map_fd(fd, size)
         except BaseException:
             _posixshmem.shm_unlink("/" + name)
             raise
@@ -402,7 +417,7 @@ class Block:
         fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
         try:
             size = os.fstat(fd).st_size
-            buf = _map_fd(fd, size)
+            buf = map_fd(fd, size)
         finally:
             os.close(fd)
         return cls(name, size, buf)

@@ -82,3 +82,17 @@ class CachingDataset:
         self.cache[i] = -(i + 1)
         worker = info.id if info is not None else -1
         return worker, self.cache[: self.n].tolist(), self.labels[: self.n].tolist()
+
+
+class ManyBuffersDataset:
+    """Holds ``n`` big arrays; a batch reports how many descriptors its worker has open."""
+
+    def __init__(self, n: int) -> None:
+        self.arrays = [np.full(BIG // 4, k, dtype=np.float64) for k in range(n)]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[int, float]:
+        total = float(sum(a[-1] for a in self.arrays))
+        return len(os.listdir("/proc/self/fd")), total

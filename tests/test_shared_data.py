@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 from pool_datasets import PROCESS_METHODS, shm_entries
-from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset
+from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset, ManyBuffersDataset
 
 import compatmp
 from compatmp import _shm
@@ -118,6 +118,22 @@ def test_a_workers_write_stays_in_that_worker_under_every_start_method(method):
         _, cache, _ = out[0]
         assert cache[0] == 0.5 and cache[7] == -8.0
         assert all(v == 0.0 for v in cache[1:7])  # earlier writes of this worker are gone
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+@pytest.mark.parametrize("method", [m for m in PROCESS_METHODS if m != "fork"])
+def test_a_worker_holds_no_descriptor_per_dataset_block(method):
+    """Issue 17.4: the dataset's blocks are mapped, then their descriptors closed, so a
+    dataset of many big arrays cannot exhaust ``ulimit -n`` in a worker (macOS: 256)."""
+    counts = {}
+    for n in (0, 60):
+        ds = ManyBuffersDataset(n)
+        with compatmp.OrderedPool(ds, workers=1, start_method=method) as pool:
+            (fds, total), _ = list(pool.imap(range(2)))
+        assert total == sum(range(n))  # the workers saw every array
+        counts[n] = fds
+    assert counts[60] - counts[0] < 10, counts
 
 
 @pytest.mark.timeout(60)
