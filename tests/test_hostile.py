@@ -327,8 +327,11 @@ def test_crashes_leave_nothing_for_the_resource_tracker(tmp_path):
 # --------------------------------------------------------------------------------------------
 # SIGINT (Ctrl-C) during fit, in a subprocess
 
+# Python's SIGINT handler is restored first, as in test_pool's Ctrl-C script: a background job
+# of a non-interactive shell inherits SIGINT ignored.
 _SIGINT_SCRIPT = """
 import os, sys, signal, time, traceback
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{tests!r}, {root!r}]
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -302,8 +302,12 @@ def test_garbage_collection_closes_the_pool(method):
     assert core.closed
 
 
+# The scripts restore Python's SIGINT handler first: a program started from a background job
+# of a non-interactive shell (nohup, some CI runners) inherits SIGINT ignored, and Python then
+# leaves it ignored; a terminal program, which these tests model, has the default.
 _CTRL_C_SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path[:0] = [{tests!r}, {root!r}]
 import psutil
 from pool_datasets import BigArrayDataset, worker_processes
