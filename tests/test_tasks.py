@@ -133,6 +133,32 @@ class TableMachine(RuleBasedStateMachine):
             if blocks:
                 self.to_release.append(send_idx)
 
+    @precondition(
+        lambda self: any(i not in self.wanted for q in self.at_worker.values() for i in q)
+    )
+    @rule(data=st.data())
+    def worker_skips_an_orphan(self, data: Any) -> None:
+        # ("skip", ...) answered by ("skipped", ...), or a thread's task taken back: any
+        # orphan the worker had not started, even its oldest (read ahead before starting it).
+        orphans = sorted(i for q in self.at_worker.values() for i in q if i not in self.wanted)
+        send_idx = data.draw(st.sampled_from(orphans))
+        skipped_before = self.table.counts["skipped"]
+        assert self.table.skip(send_idx) is True
+        assert self.table.skip(send_idx) is False  # a second answer is ignored
+        assert self.table.counts["skipped"] == skipped_before + 1
+        for queue in self.at_worker.values():
+            if send_idx in queue:
+                queue.remove(send_idx)
+        assert self.table.get(send_idx) is None  # never computed: nothing to release
+
+    @precondition(lambda self: any(i in self.wanted for q in self.at_worker.values() for i in q))
+    @rule(data=st.data())
+    def skipping_a_wanted_task_is_refused(self, data: Any) -> None:
+        wanted = sorted(i for q in self.at_worker.values() for i in q if i in self.wanted)
+        send_idx = data.draw(st.sampled_from(wanted))
+        with pytest.raises(ValueError, match="still wants it"):
+            self.table.skip(send_idx)
+
     @precondition(lambda self: bool(self.done))
     @rule(data=st.data())
     def consumer_takes(self, data: Any) -> None:
