@@ -65,9 +65,11 @@ clock starts when the worker holding it is ready; waiting for several workers (t
 in flight before a dataset update, the acknowledgements: :class:`_ProgressClock`) it bounds
 the time *without progress*, restarting whenever a batch finishes, a worker acknowledges or
 reports ready. A whole-wait deadline failed an update behind three prefetched 1 s batches
-with ``timeout=2.5`` (issue 17). Prefetched batches orphaned by the update that a worker
-thread has not started are taken back (``Transport.withdraw``); a process or Ray worker
-reads its messages in order, so its orphans are computed and their results dropped. The
+with ``timeout=2.5`` (issue 17). Prefetched batches orphaned (the consumer stopped early, as
+before an update) that a worker has not started are not waited for: a worker thread's are
+taken back (``Transport.withdraw``), a process worker skips them (``("skip", send_idxs)``,
+read ahead of its current task: NOTE [ Worker protocol ]); only a Ray actor computes its
+orphans (one call per message) and the results are dropped. The
 dataset's blocks are patched only once no batch is in flight (NOTE [ Shared dataset
 buffers ]). Shutdown runs
 each step through :func:`compatmp._transport.shutdown_step`: one failing step is logged and
@@ -251,6 +253,7 @@ class _Core:
         self.num_workers = workers
         self.tasks = _tasks.TaskTable()  # NOTE [ Task records ]
         self.next_send_idx = 0
+        self.skip_sent: set[int] = set()  # orphans named in a ("skip", ...) already
         self.closed = False
         self.close_reason: str | None = None
         self.version = 0
@@ -418,6 +421,12 @@ class _Core:
             handle.on_ready()
         elif kind == _worker.UPDATED:
             handle.version = max(handle.version, msg[1])
+        elif kind == _worker.SKIPPED:  # orphans dropped unstarted (NOTE [ Worker protocol ])
+            for send_idx in msg[1]:
+                if self.closed:
+                    self.tasks.discard(send_idx)
+                else:
+                    self.tasks.skip(send_idx)
         else:  # pragma: no cover - protocol bug
             raise RuntimeError(f"compatmp: unknown message from worker {handle.id}: {kind!r}")
 
@@ -509,8 +518,21 @@ class _Core:
         )
 
     def forget(self, send_idxs: Iterable[int]) -> None:
-        """The consumer will not read these: drop buffered results, orphan pending ones."""
+        """The consumer will not read these: drop buffered results, orphan pending ones,
+        and have the workers skip the orphans they have not started (the next pass or a
+        dataset update need not wait for them). Never raises for a dead worker: its death
+        is reported by the next wait, whose error is the one raised."""
         self.tasks.forget(send_idxs)
+        # Not blocking: a generator's finalizer may run in a worker thread (GC) while
+        # close() holds the lock and joins that thread; the next update withdraws then.
+        if not self.io_lock.acquire(blocking=False):
+            return
+        try:
+            self._withdraw_orphans()
+        except Exception:
+            pass
+        finally:
+            self.io_lock.release()
 
     def in_flight_orphans(self) -> int:
         return self.tasks.orphans()
@@ -563,16 +585,29 @@ class _Core:
             clock.pump("to acknowledge the dataset update")
 
     def _withdraw_orphans(self) -> None:
-        """Orphaned prefetches a worker has not started are not computed, where the transport
-        can take them back (:meth:`Transport.withdraw`: threads); the others are waited for.
+        """Orphaned prefetches a worker has not started are not computed: taken back where
+        the transport can (:meth:`Transport.withdraw`: threads), else, where its workers read
+        ahead (:attr:`Transport.skips_orphans`: processes), named in a ``("skip", ...)``
+        message the worker answers with ``("skipped", ...)`` (NOTE [ Worker protocol ]).
+        The others (Ray) are computed and their results dropped.
         """
         with self.io_lock:
-            orphans = {t.send_idx for t in self.tasks if t.state == _tasks.ORPHANED}
-            if not orphans:
+            if self.closed:
                 return
-            for h in self.handles:
-                for send_idx in self.transport.withdraw(h, orphans):
-                    self.tasks.complete(send_idx, (), lambda: None)  # dropped: an orphan
+            orphans: dict[int, set[int]] = {}
+            for t in self.tasks:
+                if t.state == _tasks.ORPHANED:
+                    orphans.setdefault(t.worker, set()).add(t.send_idx)
+            for worker, send_idxs in orphans.items():
+                h = self.handles[worker]
+                for send_idx in self.transport.withdraw(h, send_idxs):
+                    self.tasks.skip(send_idx)
+                rest = {i for i in send_idxs if self.tasks.get(i) is not None}
+                rest -= self.skip_sent
+                if rest and self.transport.skips_orphans and not h.stopping:
+                    self._send(h, (_worker.SKIP, tuple(sorted(rest))))
+                    self.skip_sent |= rest
+            self.skip_sent &= {t.send_idx for t in self.tasks if t.state == _tasks.ORPHANED}
 
     # -- shutdown ------------------------------------------------------------------------------
 

@@ -108,6 +108,8 @@ class ProcessTransport(Transport):
             :class:`compatmp._stall.StackFile` for stall reports.
     """
 
+    skips_orphans = True  # ConnectionChannel.read_ahead (NOTE [ Worker protocol ])
+
     def __init__(self, method: str, stall_timeout: float | None) -> None:
         super().__init__(method, stall_timeout)
         if os.name != "nt":  # Windows has no resource tracker

@@ -31,6 +31,11 @@ node. Nothing is in flight beyond what the pool dispatched (``max_queue_size`` b
 yielded), so a slow consumer never fills the object store; an object is freed when the pool
 has yielded the batch and the consumer dropped it.
 
+Orphaned prefetches (NOTE [ Task records ] in :mod:`compatmp._tasks`) are computed and their
+results dropped: each ``step`` returns only when the loop is idle, so a ``("skip", ...)``
+would reach the loop after the tasks it names, and :class:`_ActorChannel` does not read ahead
+(its ``poll`` marks the loop idle; NOTE [ Worker protocol ] in :mod:`compatmp._worker`).
+
 Failure: ``ray.get`` of a reply raises ``RayActorError`` when the actor died (``os._exit``,
 Ray's out-of-memory killer, its node lost) or ``ObjectLostError`` when the node holding the
 reply is gone; either marks the worker dead and the pool raises ``WorkerCrashedError`` naming

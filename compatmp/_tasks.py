@@ -16,13 +16,17 @@ released. A record's ``state`` is one of::
     dispatch -> queued/running --result--> done --taken--> leased --blocks released--> (gone)
                      |                       |                 (no blocks: gone at once)
                      +--forget--> orphaned --result--> leased / gone (result dropped)
+                                      orphaned --skipped--> gone (never computed)
                                              done --forget--> leased / gone
 
 "Released" is the end: the record is removed and counted. Each invariant of the pool is
 one function over the records (:meth:`TaskTable.check`): every index is delivered at most
 once, and exactly once unless the consumer forgot it; an orphan's result is dropped, never
 stored; every block is released exactly once; a worker's tasks are in send order with the
-oldest one running. The pool (:mod:`compatmp._core`) changes records only through the
+oldest one running. An orphan its worker had not started may be skipped (a worker thread's
+task taken back from its mailbox, or a process worker's answer to ``("skip", send_idxs)``:
+NOTE [ Worker protocol ]): it is dropped as if its result had arrived, and counted
+``skipped`` too. The pool (:mod:`compatmp._core`) changes records only through the
 methods here, all called with its I/O lock held; the table itself is not thread-safe.
 """
 
@@ -90,7 +94,8 @@ class TaskTable:
 
     Attributes:
         counts (collections.Counter[str]): ``dispatched``, ``delivered`` (taken by the
-            consumer), ``dropped`` (results nobody reads), ``leased`` (results that arrived
+            consumer), ``dropped`` (results nobody reads, orphans skipped included),
+            ``skipped`` (orphans a worker never computed), ``leased`` (results that arrived
             naming blocks), ``released`` (those whose blocks were released).
     """
 
@@ -184,6 +189,35 @@ class TaskTable:
         task.state = DONE
         task.result = make_result()
         return False
+
+    def skip(self, send_idx: int) -> bool:
+        """The worker will never compute this orphan (taken back, or skipped): drop it.
+
+        Args:
+            send_idx (int): the task; it must be :data:`ORPHANED` (only orphans are ever
+                withdrawn or named in a ``("skip", ...)`` message).
+
+        Returns:
+            bool: True if the record was an orphan and is now gone; False when there was
+            nothing to skip (the pool was cleared, or the task already answered).
+
+        Raises:
+            ValueError: the task is at its worker but not orphaned (a protocol bug: the
+                consumer still waits for it, so skipping it would lose a batch).
+        """
+        task = self._records.get(send_idx)
+        if task is None or task.state not in AT_WORKER:
+            return False
+        if task.state != ORPHANED:
+            raise ValueError(
+                f"compatmp: {task} was skipped by its worker but the consumer still wants it"
+            )
+        self._leave_worker(task)
+        self._orphans -= 1
+        self.counts["dropped"] += 1
+        self.counts["skipped"] += 1
+        del self._records[send_idx]
+        return True
 
     def discard(self, send_idx: int) -> None:
         """The worker answered while the pool shuts down: forget the task, keep nothing."""

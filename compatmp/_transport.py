@@ -29,7 +29,9 @@ them:
 Plus what differs in how a message's contents arrive: :meth:`Transport.blocks_of` (which
 shared-memory blocks a batch names; none for threads) and :meth:`Transport.rebuild_exception`
 (a pickled exception, or the object itself); and :meth:`Transport.withdraw`, taking back
-tasks a worker has not started (orphans before a dataset update; only threads can).
+tasks a worker has not started (orphans before a dataset update; only threads can), and
+:attr:`Transport.skips_orphans`: its workers read ahead and answer ``("skip", send_idxs)``
+(processes), so the core asks them to skip the orphans it could not take back.
 Everything else (dispatch, the reorder buffer, the task records of :mod:`compatmp._tasks`,
 timeouts, stall policy, errors) is the core's, the same code for every transport. A new
 kind of worker (a subinterpreter, a context of another library) is one more module
@@ -206,6 +208,10 @@ class Transport:
         shm_prefix (str | None): name prefix of the workers' shared-memory blocks (None: the
             transport sends batches some other way).
     """
+
+    # True when the workers' channel reads ahead of the current task (NOTE [ Worker
+    # protocol ]): the core then sends ("skip", send_idxs) for orphans not taken back.
+    skips_orphans = False
 
     def __init__(self, method: str, stall_timeout: float | None) -> None:
         self.method = method

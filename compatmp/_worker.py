@@ -20,6 +20,10 @@ main -> worker::
                                        _reuse): reseed as at start-up from base_seed, drop
                                        the old dataset, load payload, run init_fn (as
                                        WorkerConfig.init_fn) again, then answer "updated"
+    ("skip", send_idxs)                the consumer will not read these tasks (orphaned
+                                       prefetches, NOTE [ Task records ] in _tasks): drop
+                                       those not started, answer ("skipped", dropped). Sent
+                                       only to workers whose channel reads ahead (below)
     ("release", send_idx)              the main process no longer uses that batch's
                                        shared-memory blocks (its last view is garbage):
                                        they may be reused
@@ -32,11 +36,23 @@ worker -> main::
                                        dropped: names of the blocks this worker unlinked
                                        since its last "ok" (the main closes its handles)
     ("updated", version)               the new dataset is in place
+    ("skipped", send_idxs)             these tasks were dropped unstarted (never computed,
+                                       no "ok" or "err" follows for them)
     ("err", send_idx, exc_payload, type_name, message, traceback_text)
                                        dataset[index] (send_idx), or start-up / dataset update
                                        (send_idx None) raised; exc_payload is the pickled
                                        exception (process mode; None if it cannot round-trip
                                        through pickle) or the exception itself (thread mode)
+
+Messages are handled in the order sent, except ``("skip", ...)``: before starting each task,
+a worker whose channel has ``read_ahead`` (:class:`ConnectionChannel`: worker processes)
+reads every message already readable, without blocking, into its own queue, and handles a
+skip at once, dropping the named tasks still queued. So orphaned prefetches behind the task
+it computes are not computed (issue 17: with 1 s batches and ``max_queue_size=10`` an epoch
+boundary cost each process worker up to ~10 s). Worker threads need no read-ahead: the main
+side takes their queued tasks back from the mailbox (``Transport.withdraw``). A Ray actor
+gets one message per ``step`` call and each call returns only once the loop is idle (NOTE
+[ Ray workers ]), so there is nothing to read ahead: its orphans are computed and dropped.
 
 A :class:`Channel` carries the messages: :class:`ConnectionChannel` wraps one end of a
 ``multiprocessing`` duplex pipe (no ``mp.Queue``: no feeder thread, no semaphore to leak),
@@ -108,6 +124,8 @@ READY = "ready"
 OK = "ok"
 UPDATED = "updated"
 ERR = "err"
+SKIP = "skip"
+SKIPPED = "skipped"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +286,9 @@ class ConnectionChannel:
             (``multiprocessing.parent_process().sentinel``): :meth:`poll` then raises
             ``EOFError`` as soon as the main process is gone (default: None).
     """
+
+    # The worker loop reads ahead of its current task (NOTE [ Worker protocol ]).
+    read_ahead = True
 
     def __init__(self, conn: Any, parent_sentinel: int | None = None) -> None:
         self.conn = conn
@@ -634,19 +655,30 @@ def _loop(
 ) -> None:
     alive = _parent_watchdog(config.main_pid) if config.in_process and config.main_pid else None
     next_check = time.monotonic() + WATCHDOG_INTERVAL
+    read_ahead = getattr(channel, "read_ahead", False)
+    pending: collections.deque[tuple] = collections.deque()  # read, not yet handled
     while True:
-        try:
-            if not channel.poll(WORKER_POLL_INTERVAL):
-                if alive is not None and time.monotonic() >= next_check:
-                    if not alive():
-                        return
-                    next_check = time.monotonic() + WATCHDOG_INTERVAL
+        if not pending:
+            try:
+                if not channel.poll(WORKER_POLL_INTERVAL):
+                    if alive is not None and time.monotonic() >= next_check:
+                        if not alive():
+                            return
+                        next_check = time.monotonic() + WATCHDOG_INTERVAL
+                    continue
+                pending.append(channel.recv())
+            except (EOFError, OSError):
+                return
+        if read_ahead and pending[0][0] == TASK:  # a skip behind it may drop it
+            if not _read_ahead(channel, pending):
+                return
+            if not pending:
                 continue
-            msg = channel.recv()
-        except (EOFError, OSError):
-            return
+        msg = pending.popleft()
         kind = msg[0]
-        if kind == TASK:
+        if kind == SKIP:  # read in order (a channel without read-ahead)
+            _skip(channel, pending, msg[1])
+        elif kind == TASK:
             _run_task(channel, config, dataset, msg[1], msg[2], blocks, msg[3])
         elif kind == DATASET:
             try:
@@ -670,6 +702,42 @@ def _loop(
             return
         else:  # pragma: no cover - protocol bug
             raise RuntimeError(f"compatmp worker got an unknown message kind {kind!r}")
+
+
+def _read_ahead(channel: Channel, pending: collections.deque) -> bool:
+    """Move every message readable now into ``pending``, handling skips at once.
+
+    Called before starting a task (NOTE [ Worker protocol ]): the tasks a ``("skip", ...)``
+    names were sent before it, so they are all in ``pending`` by the time it is read.
+
+    Returns:
+        bool: False when the main side is gone (the loop ends).
+    """
+    try:
+        while channel.poll(0):
+            msg = channel.recv()
+            if msg[0] == SKIP:
+                _skip(channel, pending, msg[1])
+            else:
+                pending.append(msg)
+    except (EOFError, OSError):
+        return False
+    return True
+
+
+def _skip(channel: Channel, pending: collections.deque, send_idxs: Any) -> None:
+    """Drop the queued tasks of ``send_idxs`` and say which (``("skipped", ...)``).
+
+    Tasks of ``send_idxs`` not in ``pending`` were computed already: their results are on
+    their way, and the main side drops them.
+    """
+    wanted = set(send_idxs)
+    dropped = tuple(m[1] for m in pending if m[0] == TASK and m[1] in wanted)
+    if dropped:
+        kept = [m for m in pending if not (m[0] == TASK and m[1] in wanted)]
+        pending.clear()
+        pending.extend(kept)
+        _send(channel, (SKIPPED, dropped))
 
 
 def _run_task(

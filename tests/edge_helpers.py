@@ -79,3 +79,40 @@ class SlowRegression:
 
     def on_epoch_end(self) -> None:
         self.x[0, 0] += 1.0
+
+
+class LoggedShared:
+    """``n`` batches of ``delay`` seconds each over a 4.8 MB array (shared with workers);
+    (batch 0: ``first``); ``dataset[i]`` is ``x[i % 4, :8] + i`` and first appends ``i`` to
+    the file ``log_dir/<pid>`` (so a batch shows which state made it, and the log which
+    indices each worker process, or the threads' process, started).
+    """
+
+    def __init__(self, delay: float, log_dir: str, n: int = 16, first: float | None = None) -> None:
+        self.delay = delay
+        self.first = delay if first is None else first
+        self.log_dir = log_dir
+        self.n = n
+        self.x = np.zeros((4, 300_000), np.float32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        import os
+
+        with open(os.path.join(self.log_dir, str(os.getpid())), "a") as f:
+            f.write(f"{i}\n")
+        time.sleep(self.first if i == 0 else self.delay)
+        return self.x[i % 4, :8] + i
+
+
+def computed_indices(log_dir: str) -> list[int]:
+    """Every index a :class:`LoggedShared` computed, over all processes, in no set order."""
+    import os
+
+    out: list[int] = []
+    for name in os.listdir(log_dir):
+        with open(os.path.join(log_dir, name)) as f:
+            out.extend(int(line) for line in f if line.strip())
+    return out

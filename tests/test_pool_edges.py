@@ -12,7 +12,14 @@ import multiprocessing.process
 import time
 
 import pytest
-from edge_helpers import SlowRegression, SlowShared, Small, nested_pool
+from edge_helpers import (
+    LoggedShared,
+    SlowRegression,
+    SlowShared,
+    Small,
+    computed_indices,
+    nested_pool,
+)
 from pool_datasets import PROCESS_METHODS
 
 import compatmp
@@ -35,8 +42,9 @@ LINUX = PlatformFacts(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("method", [*PROCESS_METHODS, "thread"])
 def test_update_waits_for_prefetched_batches_longer_than_timeout_while_they_finish(method):
-    # 3 prefetched batches of 0.8 s each (2.4 s in all) with timeout=1.6: each one finishes
-    # within the timeout, so the update succeeds (it failed after 1.6 s before issue 17).
+    # 3 prefetched batches of 0.8 s each (2.4 s in all) with timeout=1.6: the update
+    # succeeds (it failed after 1.6 s before issue 17); the orphans no worker started are
+    # skipped (the next tests), so it waits only for the batch being computed.
     dataset = SlowShared(delay=0.8)
     with OrderedPool(dataset, workers=1, start_method=method, timeout=1.6, max_queue_size=4) as p:
         it = p.imap(range(8))
@@ -46,10 +54,8 @@ def test_update_waits_for_prefetched_batches_longer_than_timeout_while_they_fini
         if method == "thread":
             dataset = SlowShared(delay=0.8)  # a new object: the threads get it sent
             dataset.x[0, 0] = 100.0
-        started = time.monotonic()
         assert p.update_dataset(dataset)
-        if method != "thread":  # threads: the queued orphans are taken back (next test)
-            assert time.monotonic() - started >= 1.6  # it waited for the prefetched batches
+        p._core.tasks.check()
         got = [float(b[0]) for b in p.imap(range(2))]
         assert got == [100.0, 1.0]  # the new state, no stale prefetched batch
 
@@ -71,16 +77,75 @@ def test_update_takes_back_the_orphaned_prefetches_a_worker_thread_has_not_start
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", [*PROCESS_METHODS, "thread"])
+def test_update_skips_the_orphaned_prefetches_no_worker_started(method, tmp_path):
+    # The brief's case: 2 workers, max_queue_size=8, stop after 2 batches, update. Before
+    # issue 17's last part, process workers computed every orphan queued in their pipe (here
+    # 8 of them, 4 per worker: ~4 s of 1 s batches) before the update could run.
+    log = str(tmp_path)
+    dataset = LoggedShared(delay=1.0, log_dir=log)
+    with OrderedPool(dataset, workers=2, start_method=method, max_queue_size=8) as p:
+        it = p.imap(range(16))
+        assert [float(next(it)[0]) for _ in range(2)] == [0.0, 1.0]
+        del it  # indices 2..9 dispatched and orphaned; 2 and 3 (at most) being computed
+        counts = p._core.tasks.counts
+        dataset.x[:, 0] = 50.0
+        if method == "thread":  # threads share the object: send a new one
+            dataset = LoggedShared(delay=1.0, log_dir=log)
+            dataset.x[:, 0] = 50.0
+        assert p.update_dataset(dataset)
+        p._core.tasks.check()  # NOTE [ Task records ]: every invariant holds
+        old = computed_indices(log)
+        assert len(old) == len(set(old)), f"an index was computed twice: {sorted(old)}"
+        # Every dispatched task was computed once or skipped once, never both, never lost.
+        assert counts["dispatched"] in (9, 10)  # 0..7, then one more per batch taken
+        assert len(old) + counts["skipped"] == counts["dispatched"], (sorted(old), counts)
+        assert not set(old) & set(range(6, 10)), f"orphans were computed: {sorted(old)}"
+        assert counts["skipped"] >= 4
+        for f in tmp_path.iterdir():
+            f.unlink()
+        # After the update: exactly the new dataset's batches, every index computed once.
+        got = [b.tolist() for b in p.imap(range(6))]
+        expected = [(dataset.x[i % 4, :8] + i).tolist() for i in range(6)]
+        assert got == expected
+        assert sorted(computed_indices(log)) == list(range(6))
+        p._core.tasks.check()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", [*PROCESS_METHODS, "thread"])
+def test_a_pass_stopped_early_lets_the_next_pass_start_without_its_orphans(method, tmp_path):
+    # forget() (the consumer stopped iterating) already has the orphans skipped: the next
+    # pass's batches are the only ones computed after it, each once.
+    log = str(tmp_path)
+    dataset = LoggedShared(delay=0.3, log_dir=log)
+    with OrderedPool(dataset, workers=2, start_method=method, max_queue_size=8) as p:
+        it = p.imap(range(16))
+        assert float(next(it)[0]) == 0.0
+        del it
+        got = [float(b[0]) for b in p.imap(range(100, 104))]
+        assert got == [100.0, 101.0, 102.0, 103.0]
+        done = computed_indices(log)
+        assert len(done) == len(set(done)), sorted(done)
+        counts = p._core.tasks.counts
+        assert len(done) + counts["skipped"] == counts["dispatched"], (sorted(done), counts)
+        p._core.tasks.check()
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("method", [PROCESS_METHODS[0], "spawn", "thread"])
-def test_update_still_times_out_when_no_batch_finishes(method):
-    dataset = SlowShared(delay=3.0, first=0.0)
+def test_update_still_times_out_when_no_batch_finishes(method, tmp_path):
+    dataset = LoggedShared(delay=3.0, log_dir=str(tmp_path), first=0.0)
     with OrderedPool(dataset, workers=1, start_method=method, timeout=1.0, max_queue_size=2) as p:
         it = p.imap(range(8))
         assert float(next(it)[0]) == 0.0
+        deadline = time.monotonic() + 30
+        while 1 not in computed_indices(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.01)  # batch 1 has started: it is not skipped, it is waited for
         del it
         dataset.x[0, 0] = 1.0
         if method == "thread":
-            dataset = SlowShared(delay=3.0, first=0.0)
+            dataset = LoggedShared(delay=3.0, log_dir=str(tmp_path), first=0.0)
         started = time.monotonic()
         with pytest.raises(WorkerTimeoutError, match=r"no progress for timeout=1.0 s"):
             p.update_dataset(dataset)
