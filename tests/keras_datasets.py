@@ -30,6 +30,27 @@ def assert_same_history(got: Any, expected: Any) -> None:
         np.testing.assert_allclose(got.history[key], values, rtol=1e-5, err_msg=key)
 
 
+def assert_rejected_with_keras_message(
+    make_model: Any, fn: str, x: Any, kwargs: dict, monkeypatch: Any
+) -> BaseException:
+    """``compatmp.<fn>`` rejects ``x`` as ``model.<fn>`` does (Keras 3 or 2, from the model):
+    the same exception type, a message that starts with Keras' own and goes on with compatmp's
+    explanation, and no pool started. Returns compatmp's exception."""
+    import pytest
+
+    import compatmp
+
+    with pytest.raises(Exception) as keras_raised:
+        getattr(make_model(), fn)(x, verbose=0, **kwargs)
+    monkeypatch.setattr("compatmp._keras._open_pool", lambda *a, **k: pytest.fail("pool"))
+    with pytest.raises(type(keras_raised.value)) as ours:
+        getattr(compatmp, fn)(make_model(), x, verbose=0, workers=2, **kwargs)
+    keras_said = str(keras_raised.value)
+    assert str(ours.value).startswith(keras_said), (str(ours.value), keras_said)
+    assert "compatmp" in str(ours.value)[len(keras_said) :]  # and our explanation
+    return ours.value
+
+
 def make_arrays(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Features (n, 3) float32 with the sample id in column 0 (scaled), and targets (n, 1)."""
     rng = np.random.default_rng(seed)
