@@ -92,7 +92,7 @@ from ._exceptions import WorkerCrashedError, WorkerTimeoutError
 from ._processes import KILL_TIMEOUT, TERMINATE_TIMEOUT, ProcessTransport
 from ._ray import RayTransport
 from ._threads import ThreadTransport
-from ._transport import Transport, WorkerHandle, shutdown_step
+from ._transport import MAIN_POLL_INTERVAL, Transport, WorkerHandle, shutdown_step
 
 __all__ = [
     "KILL_TIMEOUT",
@@ -102,10 +102,6 @@ __all__ = [
     "TERMINATE_TIMEOUT",
 ]
 
-# How long the main side waits for a message before re-checking deadlines and thread
-# liveness (seconds). Messages and process deaths (sentinels) wake the wait immediately; this
-# only bounds how late a per-batch ``timeout`` or a vanished worker *thread* is noticed.
-MAIN_POLL_INTERVAL = 0.1
 
 # After "stop", how long close() lets workers finish the batch they are computing (seconds)
 # before SIGTERM. Long enough for an ordinary batch and to drain the pipes, short enough that

@@ -18,11 +18,10 @@ from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
 from . import _launch, _shm, _stall, _worker
-from ._transport import Transport, WorkerHandle, shutdown_step
+from ._transport import MAIN_POLL_INTERVAL, Transport, WorkerHandle, shutdown_step
 
 __all__ = [
     "KILL_TIMEOUT",
-    "POLL_INTERVAL",
     "TERMINATE_TIMEOUT",
     "ProcessHandle",
     "ProcessTransport",
@@ -34,10 +33,6 @@ TERMINATE_TIMEOUT = 1.0
 
 # After SIGKILL, the bound on waiting for the kernel to reap the process (seconds).
 KILL_TIMEOUT = 5.0
-
-# How long one wait inside the shutdown's drain loop may block (seconds); the same value as
-# the core's MAIN_POLL_INTERVAL.
-POLL_INTERVAL = 0.1
 
 
 def _fds_of(h: Any) -> tuple[int, int]:
@@ -210,7 +205,9 @@ class ProcessTransport(Transport):
         while time.monotonic() < deadline and any(h.proc.is_alive() for h in procs):
             conns = [h.channel.conn for h in procs if not h.channel.conn.closed]
             sentinels = [h.proc.sentinel for h in procs if h.proc.is_alive()]
-            ready = _mp_wait(conns + sentinels, min(POLL_INTERVAL, deadline - time.monotonic()))
+            ready = _mp_wait(
+                conns + sentinels, min(MAIN_POLL_INTERVAL, deadline - time.monotonic())
+            )
             for h in procs:
                 if h.channel.conn in ready:
                     drain(h)

@@ -47,7 +47,13 @@ from typing import Any
 
 from . import _worker
 
-__all__ = ["Transport", "WorkerHandle", "describe_exit", "shutdown_step"]
+__all__ = ["MAIN_POLL_INTERVAL", "Transport", "WorkerHandle", "describe_exit", "shutdown_step"]
+
+# How long the main side waits for a message before re-checking deadlines and thread
+# liveness (seconds): the core's pump and the process transport's shutdown drain alike.
+# Messages and process deaths (sentinels) wake the wait immediately; this only bounds how
+# late a per-batch ``timeout`` or a vanished worker *thread* is noticed.
+MAIN_POLL_INTERVAL = 0.1
 
 _log = logging.getLogger("compatmp")
 
