@@ -68,8 +68,9 @@ reports ready. A whole-wait deadline failed an update behind three prefetched 1 
 with ``timeout=2.5`` (issue 17). Prefetched batches orphaned (the consumer stopped early, as
 before an update) that a worker has not started are not waited for: a worker thread's are
 taken back (``Transport.withdraw``), a process worker skips them (``("skip", send_idxs)``,
-read ahead of its current task: NOTE [ Worker protocol ]); only a Ray actor computes its
-orphans (one call per message) and the results are dropped. The
+read ahead of its current task: NOTE [ Worker protocol ]), and a Ray actor's not yet
+submitted are taken back (at most two calls per actor are in Ray: NOTE [ Ray workers ]);
+only those already submitted are computed, and their results dropped. The
 dataset's blocks are patched only once no batch is in flight (NOTE [ Shared dataset
 buffers ]). Shutdown runs
 each step through :func:`compatmp._transport.shutdown_step`: one failing step is logged and
@@ -582,10 +583,11 @@ class _Core:
 
     def _withdraw_orphans(self) -> None:
         """Orphaned prefetches a worker has not started are not computed: taken back where
-        the transport can (:meth:`Transport.withdraw`: threads), else, where its workers read
-        ahead (:attr:`Transport.skips_orphans`: processes), named in a ``("skip", ...)``
-        message the worker answers with ``("skipped", ...)`` (NOTE [ Worker protocol ]).
-        The others (Ray) are computed and their results dropped.
+        the transport can (:meth:`Transport.withdraw`: threads, and Ray for the calls it has
+        not submitted yet), else, where its workers read ahead
+        (:attr:`Transport.skips_orphans`: processes), named in a ``("skip", ...)`` message
+        the worker answers with ``("skipped", ...)`` (NOTE [ Worker protocol ]). The rest
+        (a Ray call already submitted) are computed and their results dropped.
         """
         with self.io_lock:
             if self.closed:

@@ -31,10 +31,20 @@ node. Nothing is in flight beyond what the pool dispatched (``max_queue_size`` b
 yielded), so a slow consumer never fills the object store; an object is freed when the pool
 has yielded the batch and the consumer dropped it.
 
-Orphaned prefetches (NOTE [ Task records ] in :mod:`compatmp._tasks`) are computed and their
-results dropped: each ``step`` returns only when the loop is idle, so a ``("skip", ...)``
-would reach the loop after the tasks it names, and :class:`_ActorChannel` does not read ahead
-(its ``poll`` marks the loop idle; NOTE [ Worker protocol ] in :mod:`compatmp._worker`).
+Orphaned prefetches (NOTE [ Task records ] in :mod:`compatmp._tasks`) are taken back before
+they reach the actor. A call already submitted cannot be (each ``step`` returns only when the
+loop is idle, so a ``("skip", ...)`` would reach the loop after the tasks it names, and
+:class:`_ActorChannel` does not read ahead). So :class:`RayChannel` submits at most
+:data:`SUBMIT_WINDOW` calls per actor (one being handled, one queued behind it, so the actor
+never waits for the main side between batches) and keeps later messages in its own queue,
+submitting the next as each reply is fetched; :meth:`RayTransport.withdraw` takes orphaned
+tasks out of that queue, as the thread transport does from a mailbox. At most the one task
+being computed and the one submitted behind it are computed for nothing, whatever
+``max_queue_size`` is. The cost: replies are fetched (and the next call submitted) only while
+the consumer asks for a batch, so while it trains on one each actor computes at most two
+batches ahead, where a worker process computes up to ``max_queue_size / workers``. That
+bounds how much slack absorbs uneven batch times, not the throughput, which the one call
+queued behind the running one keeps (the actor never idles while the pool takes batches).
 
 Failure: ``ray.get`` of a reply raises ``RayActorError`` when the actor died (``os._exit``,
 Ray's out-of-memory killer, its node lost) or ``ObjectLostError`` when the node holding the
@@ -77,6 +87,7 @@ __all__ = [
     "ACTOR_OPTIONS_ENV_VAR",
     "ACTOR_START_TIMEOUT",
     "DEFAULT_ACTOR_OPTIONS",
+    "SUBMIT_WINDOW",
     "RayChannel",
     "RayHandle",
     "RayTransport",
@@ -88,6 +99,11 @@ __all__ = [
 # Covers Ray placing it (a worker process start, ~1-2 s) and loading the dataset; an actor
 # that the cluster cannot place at all (missing resources) would otherwise wait forever.
 ACTOR_START_TIMEOUT = 120.0
+
+# Ray calls submitted to one actor and not yet answered, at most (NOTE above): the one the
+# actor handles and one queued behind it. Later messages wait in the RayChannel, where
+# RayTransport.withdraw can still take orphaned tasks back.
+SUBMIT_WINDOW = 2
 
 # How often a blocked ``step`` call inside the actor re-checks that the loop thread lives
 # (seconds); it wakes at once when the loop is done with the message.
@@ -375,8 +391,10 @@ class _RayUse:
 class RayChannel:
     """The main side's :class:`compatmp._worker.Channel` to one worker actor.
 
-    ``send`` is one ``actor.step.remote``; received messages are the contents of replies
-    fetched by :meth:`poll` (or by :meth:`RayTransport.wait`).
+    ``send`` queues a message; at most :data:`SUBMIT_WINDOW` of them are submitted to the
+    actor as ``actor.step.remote`` calls at a time, the next one each time a reply is fetched
+    (NOTE [ Ray workers ]). Received messages are the contents of replies fetched by
+    :meth:`poll` (or by :meth:`RayTransport.wait`).
 
     Args:
         actor (ray.actor.ActorHandle): the worker actor.
@@ -387,23 +405,47 @@ class RayChannel:
         self.actor = actor
         self.ray_use = ray_use
         self.pending: collections.deque = collections.deque()  # (ObjectRef, is_start)
+        self.queued: collections.deque = collections.deque()  # messages not yet submitted
         self.inbox: collections.deque = collections.deque()
         self.error: str | None = None  # why the actor is gone (None while it lives)
         self.pid: int | None = None
         self.node_ip: str | None = None
 
     def send(self, msg: tuple) -> None:
-        """Send one message as ``actor.step.remote(msg)``; EOFError once the actor is gone."""
+        """Queue one message, submitted in order as ``actor.step.remote(msg)``.
+
+        Raises:
+            EOFError: the actor is gone (or Ray refused the call).
+        """
         if self.error is not None:
             raise EOFError(f"the Ray actor is gone: {self.error}")
-        if msg[0] == _worker.DATASET and isinstance(msg[2], bytes):
-            msg = (msg[0], msg[1], self.ray_use.put_payload(msg[2]))
-        try:
-            ref = self.actor.step.remote(msg)
-        except Exception as exc:  # Ray shut down under us, ...
-            self.error = _first_line(exc)
-            raise EOFError(f"the Ray actor is gone: {self.error}") from exc
-        self.pending.append((ref, False))
+        self.queued.append(msg)
+        self._submit()
+        if self.error is not None:
+            raise EOFError(f"the Ray actor is gone: {self.error}")
+
+    def _submit(self) -> None:
+        """Submit queued messages while fewer than :data:`SUBMIT_WINDOW` calls are pending."""
+        while self.queued and len(self.pending) < SUBMIT_WINDOW and self.error is None:
+            msg = self.queued.popleft()
+            if msg[0] == _worker.DATASET and isinstance(msg[2], bytes):
+                msg = (msg[0], msg[1], self.ray_use.put_payload(msg[2]))
+            try:
+                ref = self.actor.step.remote(msg)
+            except Exception as exc:  # Ray shut down under us, ...
+                self.error = _first_line(exc)
+                self.queued.clear()
+                return
+            self.pending.append((ref, False))
+
+    def withdraw(self, send_idxs: set[int]) -> list[int]:
+        """Take the tasks of ``send_idxs`` out of the queue (never submitted); which were."""
+        taken = [m[1] for m in self.queued if m[0] == _worker.TASK and m[1] in send_idxs]
+        if taken:
+            kept = [m for m in self.queued if not (m[0] == _worker.TASK and m[1] in taken)]
+            self.queued.clear()
+            self.queued.extend(kept)
+        return taken
 
     def head(self) -> Any:
         """The oldest pending reply's ObjectRef, or None."""
@@ -425,8 +467,10 @@ class RayChannel:
                 self.pid, self.node_ip = reply["pid"], reply["node_ip"]
                 reply = reply["messages"]
             self.inbox.extend(reply)
+            self._submit()
             return
         self.pending.clear()
+        self.queued.clear()
 
     def poll(self, timeout: float) -> bool:
         """True when a message can be received; EOFError once the actor is gone and drained."""
@@ -453,8 +497,9 @@ class RayChannel:
         return self.inbox.popleft()
 
     def close(self) -> None:
-        """Forget pending replies and buffered messages (their objects are freed)."""
+        """Forget pending replies, unsent and buffered messages (their objects are freed)."""
         self.pending.clear()
+        self.queued.clear()
         self.inbox.clear()
 
 
@@ -586,6 +631,10 @@ class RayTransport(Transport):
             h for h in actors if h.channel.error is not None and not h.channel.inbox
         ]
         return readable, dead
+
+    def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
+        """Take back orphaned tasks not yet submitted to the actor (NOTE [ Ray workers ])."""
+        return handle.channel.withdraw(send_idxs)
 
     def shutdown(self, deadline: float, drain: Any) -> None:
         """Kill every actor, drop every pending reply, and release Ray."""

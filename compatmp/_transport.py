@@ -29,7 +29,7 @@ them:
 Plus what differs in how a message's contents arrive: :meth:`Transport.blocks_of` (which
 shared-memory blocks a batch names; none for threads) and :meth:`Transport.rebuild_exception`
 (a pickled exception, or the object itself); and :meth:`Transport.withdraw`, taking back
-tasks a worker has not started (orphans before a dataset update; only threads can), and
+tasks a worker has not started (orphans before a dataset update; threads and Ray can), and
 :attr:`Transport.skips_orphans`: its workers read ahead and answer ``("skip", send_idxs)``
 (processes), so the core asks them to skip the orphans it could not take back.
 Everything else (dispatch, the reorder buffer, the task records of :mod:`compatmp._tasks`,
@@ -257,7 +257,7 @@ class Transport:
 
         Returns:
             list[int]: those taken back; the worker will never see them. Default: none (a
-            message in a pipe or a Ray call cannot be taken back).
+            message in a pipe cannot be taken back).
         """
         return []
 

@@ -204,6 +204,46 @@ def test_ray_failures_crash_error_and_timeout(monkeypatch):
     assert not _ray_initialized()
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("no_leaked_workers")
+@pytest.mark.ray
+@requires_ray
+def test_update_takes_back_the_orphaned_prefetches_no_actor_received(tmp_path):
+    # Issue 17: Ray actors computed every orphaned prefetch (each call queued in Ray runs)
+    # before a dataset update could run. Now at most SUBMIT_WINDOW calls per actor are in
+    # Ray; the orphans behind them are taken back (NOTE [ Ray workers ]).
+    from edge_helpers import LoggedShared, computed_indices
+
+    from compatmp import _ray
+
+    log = str(tmp_path)
+    dataset = LoggedShared(delay=1.0, log_dir=log)
+    with OrderedPool(dataset, workers=2, start_method="ray", max_queue_size=8) as pool:
+        it = pool.imap(range(16))
+        assert [float(next(it)[0]) for _ in range(2)] == [0.0, 1.0]
+        del it  # indices 2..9 dispatched and orphaned
+        counts = pool._core.tasks.counts
+        dataset.x[:, 0] = 50.0
+        started = time.monotonic()
+        assert pool.update_dataset(dataset).sent
+        waited = time.monotonic() - started
+        pool._core.tasks.check()  # NOTE [ Task records ]: every invariant holds
+        old = computed_indices(log)
+        assert len(old) == len(set(old)), f"an index was computed twice: {sorted(old)}"
+        assert len(old) + counts["skipped"] == counts["dispatched"], (sorted(old), counts)
+        # Per actor, at most the calls in Ray's hands ran for nothing: 2 + 2 of 2..9.
+        assert len(set(old) - {0, 1}) <= 2 * _ray.SUBMIT_WINDOW, sorted(old)
+        # The rest of the dispatched orphans (2..8 or 2..9) were taken back, never computed.
+        assert counts["skipped"] >= counts["dispatched"] - 2 - 2 * _ray.SUBMIT_WINDOW, counts
+        assert waited < 30, waited  # was ~4 s of 1 s orphans; here at most ~2 s
+        for f in tmp_path.iterdir():
+            f.unlink()
+        got = [b.tolist() for b in pool.imap(range(6))]
+        assert got == [(dataset.x[i % 4, :8] + i).tolist() for i in range(6)]
+        assert sorted(computed_indices(log)) == list(range(6))
+        pool._core.tasks.check()
+
+
 @pytest.mark.keras
 @pytest.mark.timeout(300)
 @pytest.mark.ray
