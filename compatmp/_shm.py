@@ -125,6 +125,7 @@ __all__ = [
     "BlockPool",
     "ShmArray",
     "block_prefix",
+    "blocks_without_namespace",
     "create_block",
     "current_pid_namespace",
     "ensure_tracker",
@@ -132,6 +133,8 @@ __all__ = [
     "names",
     "owner_prefix",
     "pool_token",
+    "remove_blocks_without_namespace",
+    "report",
     "room",
     "sweep",
     "sweep_dead_owners",
@@ -182,6 +185,12 @@ _LONG_NAME_LEN = 250  # Linux: NAME_MAX is 255 bytes; a margin for the leading "
 # token>"; the short form without "n<pid namespace>" (macOS, or /proc unusable) never matches,
 # so the start-up sweep never touches it: nothing proves whose pid it names.
 _NAME_RE = re.compile(r"cmp(\d+)n(\d+)_[0-9a-z]+_[0-9a-z]+\Z")
+
+# The short form, "cmp<main pid>_<pool token>_<block token>": macOS's, and on Linux that of
+# compatmp before issue 17 (names had no namespace then) or of a process whose /proc was
+# another namespace's. No sweep removes these; `python -m compatmp doctor` lists them and
+# removes them only when asked (:func:`remove_blocks_without_namespace`).
+_SHORT_NAME_RE = re.compile(r"cmp(\d+)_[0-9a-z]+_[0-9a-z]+\Z")
 
 # A live process whose creation time is later than a block's mtime plus this (seconds) cannot
 # be the block's owner: its pid was recycled. psutil's create_time is exact to a clock tick
@@ -1100,3 +1109,101 @@ def sweep_dead_owners() -> list[str]:
             continue
         done.append(name)
     return done
+
+
+def _this_users_blocks(pattern: re.Pattern[str]) -> list[tuple[str, os.stat_result]]:
+    """Regular files of this user in ``/dev/shm`` whose name matches ``pattern``, by name."""
+    try:
+        entries = os.listdir(_SHM_DIR)
+    except OSError:
+        return []
+    uid = os.geteuid()
+    found = []
+    for name in sorted(entries):
+        if not pattern.match(name):
+            continue
+        try:
+            st = os.lstat(os.path.join(_SHM_DIR, name))
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == uid:
+            found.append((name, st))
+    return found
+
+
+def blocks_without_namespace() -> list[tuple[str, int]]:
+    """This user's compatmp blocks whose name has no PID namespace, which no sweep removes.
+
+    Names of the short form ``cmp<pid>_<pool token>_<block token>``: made by compatmp before
+    block names carried the PID namespace (issue 17), or by a process that could not read its
+    namespace (``/proc`` absent or another namespace's). The pid in such a name proves nothing
+    (it may be another container's, with ``/dev/shm`` shared), so :func:`sweep_dead_owners`
+    leaves them, and a SIGKILLed run of an old version leaves its blocks for good: they hold
+    memory (``/dev/shm`` is RAM) until removed. Lists ``/dev/shm`` where it exists (Linux);
+    elsewhere finds nothing.
+
+    Returns:
+        list[tuple[str, int]]: ``(name, size in bytes)`` of each, by name.
+    """
+    return [(name, st.st_size) for name, st in _this_users_blocks(_SHORT_NAME_RE)]
+
+
+def remove_blocks_without_namespace() -> list[str]:
+    """Unlink :func:`blocks_without_namespace`, except those a live local process may own.
+
+    Only on request (``python -m compatmp doctor --remove-blocks-without-namespace``): the
+    caller vouches that no compatmp run of another PID namespace sharing this ``/dev/shm``
+    (a container started with ``--ipc=host``) is alive, which nothing here can check. A block
+    whose pid names a process of this namespace that may own it (it started before the block
+    was last changed) is kept, as :func:`sweep_dead_owners` would.
+
+    Returns:
+        list[str]: names of the blocks unlinked.
+    """
+    done = []
+    for name, st in _this_users_blocks(_SHORT_NAME_RE):
+        m = _SHORT_NAME_RE.match(name)
+        assert m is not None
+        if _owner_alive(int(m.group(1)), st.st_mtime):
+            continue
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+        except OSError:  # gone meanwhile
+            continue
+        done.append(name)
+    return done
+
+
+def report() -> list[str]:
+    """Lines for ``python -m compatmp doctor``: ``/dev/shm`` space and this user's blocks.
+
+    Returns:
+        list[str]: empty where shared memory is not a listable filesystem (macOS, Windows);
+        else the free space, the blocks of live compatmp runs (this user, this namespace) and
+        the blocks no sweep removes (:func:`blocks_without_namespace`), with how to remove
+        them.
+    """
+    if not os.path.isdir(_SHM_DIR):
+        return []
+    free = _shm_free_bytes()
+    ours = _this_users_blocks(_NAME_RE)
+    short = blocks_without_namespace()
+    mib = 1024 * 1024
+    lines = [
+        f"Shared memory ({_SHM_DIR}):",
+        f"  free: {'unknown' if free is None else f'{free / mib:,.0f} MiB'}",
+        f"  compatmp blocks of this user with a PID namespace: {len(ours)} "
+        f"({sum(st.st_size for _, st in ours) / mib:,.1f} MiB); those of dead runs of this "
+        f"namespace are removed when the next pool starts",
+    ]
+    if short:
+        lines += [
+            f"  compatmp blocks of this user without a PID namespace: {len(short)} "
+            f"({sum(size for _, size in short) / mib:,.1f} MiB), e.g. {short[0][0]}",
+            "    No sweep removes these: made by compatmp before block names carried the PID",
+            "    namespace, their pid may be another container's. If no compatmp run in a",
+            "    container sharing this /dev/shm is alive, remove them (blocks of live local",
+            "    processes are kept) with:",
+            "      python -m compatmp doctor --remove-blocks-without-namespace",
+        ]
+    return lines

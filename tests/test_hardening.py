@@ -247,6 +247,49 @@ def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids(private_shm_
     assert os.listdir(private_shm_dir) == [live]
 
 
+def test_blocks_without_namespace_are_listed_never_swept_and_removed_only_on_request(
+    private_shm_dir,
+):
+    # Names without a PID namespace (compatmp before issue 17, or no usable /proc): the pid
+    # proves nothing, so the start-up sweep leaves them; doctor lists them and removes them
+    # on request, except a live local owner's.
+    folder = private_shm_dir
+    dead = _dead_pid()
+    short_dead = _fake_block(folder, dead, time.time(), namespace=None)
+    short_live = _fake_block(folder, os.getpid(), time.time(), namespace=None)
+    with_namespace = _fake_block(folder, dead, time.time())
+    assert _shm.sweep_dead_owners() == [with_namespace]
+    assert _shm.blocks_without_namespace() == sorted([(short_dead, 1), (short_live, 1)])
+    text = "\n".join(_shm.report())
+    assert "without a PID namespace: 2" in text
+    assert "--remove-blocks-without-namespace" in text
+    assert _shm.remove_blocks_without_namespace() == [short_dead]
+    assert os.listdir(folder) == [short_live]
+    assert "without a PID namespace: 1 " in "\n".join(_shm.report())  # the live one's
+
+
+@needs_dev_shm
+def test_doctor_lists_and_removes_blocks_without_namespace():
+    # The command line end to end, in the real /dev/shm: only the entry this test planted is
+    # checked (other runs may have blocks there).
+    dead = _dead_pid()
+    name = _fake_block("/dev/shm", dead, time.time(), namespace=None)
+    try:
+        cmd = [sys.executable, "-m", "compatmp", "doctor"]
+        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        assert "without a PID namespace" in shown.stdout
+        assert os.path.exists(os.path.join("/dev/shm", name))  # listing removes nothing
+        flag = "--remove-blocks-without-namespace"
+        removed = subprocess.run([*cmd, flag], capture_output=True, text=True, timeout=120)
+        assert removed.returncode == 0, removed.stderr
+        assert name in removed.stdout.split()
+        assert not os.path.exists(os.path.join("/dev/shm", name))
+    finally:
+        if os.path.exists(os.path.join("/dev/shm", name)):
+            os.unlink(os.path.join("/dev/shm", name))
+
+
 needs_root = pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root"
 )
