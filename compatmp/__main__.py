@@ -55,18 +55,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"doctor takes no arguments but --remove-blocks-without-namespace, got {rest}"
             )
-        from . import _shm
+        from . import _shm_names
         from ._platform import diagnose
 
         if args.remove_blocks_without_namespace:
-            removed = _shm.remove_blocks_without_namespace()
+            removed = _shm_names.remove_blocks_without_namespace()
             sys.stdout.write(
                 f"Removed {len(removed)} block(s) without a PID namespace: "
                 f"{' '.join(removed) or '(none)'}\n"
             )
             return 0
         sys.stdout.write(diagnose())
-        lines = _shm.report()
+        lines = _shm_names.report()
         sys.stdout.write("".join(f"\n{line}" for line in lines) + ("\n" if lines else ""))
         return 0
     if args.command == "bench":

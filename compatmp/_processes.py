@@ -17,7 +17,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
-from . import _launch, _shm, _stall, _worker
+from . import _launch, _shm, _shm_names, _stall, _worker
 from ._transport import MAIN_POLL_INTERVAL, Transport, WorkerHandle, shutdown_step
 
 __all__ = [
@@ -109,8 +109,8 @@ class ProcessTransport(Transport):
         super().__init__(method, stall_timeout)
         if os.name != "nt":  # Windows has no resource tracker
             _shm.ensure_tracker()
-        self.shm_prefix = _shm.block_prefix(os.getpid(), _shm.pool_token())
-        _shm.sweep_dead_owners()
+        self.shm_prefix = _shm_names.block_prefix(os.getpid(), _shm_names.pool_token())
+        _shm_names.sweep_dead_owners()
         # wait(): the poll object of the last set of handles (issue 18 item 4)
         self._poll_key: tuple | None = None
         self._poll_fds: dict[int, tuple[WorkerHandle, bool]] = {}
@@ -214,7 +214,7 @@ class ProcessTransport(Transport):
 
     def sweep(self) -> None:
         if self.shm_prefix is not None:
-            _shm.sweep(self.shm_prefix)  # blocks of SIGKILLed workers
+            _shm_names.sweep(self.shm_prefix)  # blocks of SIGKILLed workers
 
     def forget_in_child(self) -> None:
         for h in self.handles:

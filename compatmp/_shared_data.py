@@ -17,7 +17,7 @@ when the pool sends the dataset (under fork: just before the fork, "Fork" below)
 by :meth:`DatasetSharer.close` when the pool closes, shuts down after an error or is garbage
 collected (``_Core.close``), and at
 :meth:`DatasetSharer.commit` for the blocks the new state no longer names. Their names start
-with the pool's batch-block prefix (:func:`compatmp._shm.block_prefix`), so the pool's sweep
+with the pool's batch-block prefix (:func:`compatmp._shm_names.block_prefix`), so the pool's sweep
 finds them too; if the main process is killed, ``multiprocessing``'s resource tracker, with
 which ``SharedMemory(create=True)`` registered them, unlinks them. Workers map with
 ``shm_open`` + ``mmap(MAP_PRIVATE)`` (``FILE_MAP_COPY`` on Windows), never through
@@ -629,7 +629,7 @@ class DatasetSharer:
         """What the workers start with: the dataset itself (fork) or a :class:`SharedPayload`.
 
         Args:
-            prefix (str | None): the pool's block prefix (:func:`compatmp._shm.block_prefix`);
+            prefix (str | None): the pool's block prefix (:func:`compatmp._shm_names.block_prefix`);
                 None where the pool has no shared memory (Ray: the threshold keeps every
                 buffer in-band).
             dataset (object): the dataset :meth:`check` pickled.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from compatmp import _shm
+from compatmp import _shm_names
 from compatmp._platform import available_methods
 from compatmp._worker import get_worker_info
 from compatmp.bench.runner import _is_helper
@@ -36,10 +36,10 @@ def shm_entries(pid: int | None = None) -> list[str]:
     """Shared-memory blocks in ``/dev/shm`` made for pools of process ``pid`` (default: us).
 
     Only names that start with that process's own prefix (its pid *and* PID namespace,
-    ``_shm.owner_prefix``): other compatmp runs on the machine share ``/dev/shm``, and their
-    blocks are not ours to count (``pid`` must be in this process's PID namespace).
+    ``_shm_names.owner_prefix``): other compatmp runs on the machine share ``/dev/shm``, and
+    their blocks are not ours to count (``pid`` must be in this process's PID namespace).
     """
-    prefix = _shm.owner_prefix(os.getpid() if pid is None else pid)
+    prefix = _shm_names.owner_prefix(os.getpid() if pid is None else pid)
     try:
         return sorted(e for e in os.listdir(SHM_DIR) if e.startswith(prefix))
     except OSError:

@@ -24,7 +24,7 @@ from pool_datasets import (
 )
 
 import compatmp
-from compatmp import _shm
+from compatmp import _shm_names
 from compatmp._pool import OrderedPool
 from compatmp._seeds import batch_seed_sequence
 from compatmp._stall import supported as _stall_supported
@@ -200,7 +200,7 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
     # The blocks of the 3 pools, listed while their owner lived (nobody sweeps a live owner's
     # blocks). Counted by name, not after the kill: any compatmp pool starting on this machine
     # from now on - another test run's too - may sweep them first, which is the point.
-    assert len(blocks) >= 3 and all(b.startswith(_shm.owner_prefix(proc.pid)) for b in blocks)
+    assert len(blocks) >= 3 and all(b.startswith(_shm_names.owner_prefix(proc.pid)) for b in blocks)
     with OrderedPool(BigBatches(), workers=1, start_method=method) as pool:
         assert next(pool.imap([0]))[0][0, 0] == 0
     assert not set(blocks) & set(os.listdir("/dev/shm"))
@@ -209,19 +209,19 @@ def test_blocks_of_a_killed_process_group_are_removed_by_the_next_pool(method):
 
 @pytest.fixture
 def private_shm_dir(tmp_path, monkeypatch):
-    """``_shm``'s view of ``/dev/shm``, redirected to a folder only this test sees.
+    """``_shm_names``'s view of ``/dev/shm``, redirected to a folder only this test sees.
 
     The sweep unit tests plant blocks of dead owners; in the real ``/dev/shm`` any compatmp
     pool starting meanwhile on this machine (another test run's too) could sweep them first.
     """
-    if _shm.current_pid_namespace() is None:
+    if _shm_names.current_pid_namespace() is None:
         pytest.skip("needs Linux PID namespaces (/proc/self/ns/pid)")
-    monkeypatch.setattr(_shm, "_SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(_shm_names, "_SHM_DIR", str(tmp_path))
     return tmp_path
 
 
 def _fake_block(folder, owner: int, mtime: float, namespace: int | str | None = "self") -> str:
-    name = _shm.block_prefix(owner, _shm.pool_token(), namespace) + "zzzzz"
+    name = _shm_names.block_prefix(owner, _shm_names.pool_token(), namespace) + "zzzzz"
     path = os.path.join(folder, name)
     with open(path, "wb") as f:
         f.write(b"x")
@@ -242,7 +242,7 @@ def test_sweep_keeps_live_owners_and_removes_dead_and_recycled_pids(private_shm_
     live = _fake_block(private_shm_dir, parent.pid, time.time())
     recycled = _fake_block(private_shm_dir, parent.pid, started - 3600)  # before it existed
     gone = _fake_block(private_shm_dir, dead, time.time())
-    swept = _shm.sweep_dead_owners()
+    swept = _shm_names.sweep_dead_owners()
     assert sorted(swept) == sorted([recycled, gone])
     assert os.listdir(private_shm_dir) == [live]
 
@@ -258,14 +258,14 @@ def test_blocks_without_namespace_are_listed_never_swept_and_removed_only_on_req
     short_dead = _fake_block(folder, dead, time.time(), namespace=None)
     short_live = _fake_block(folder, os.getpid(), time.time(), namespace=None)
     with_namespace = _fake_block(folder, dead, time.time())
-    assert _shm.sweep_dead_owners() == [with_namespace]
-    assert _shm.blocks_without_namespace() == sorted([(short_dead, 1), (short_live, 1)])
-    text = "\n".join(_shm.report())
+    assert _shm_names.sweep_dead_owners() == [with_namespace]
+    assert _shm_names.blocks_without_namespace() == sorted([(short_dead, 1), (short_live, 1)])
+    text = "\n".join(_shm_names.report())
     assert "without a PID namespace: 2" in text
     assert "--remove-blocks-without-namespace" in text
-    assert _shm.remove_blocks_without_namespace() == [short_dead]
+    assert _shm_names.remove_blocks_without_namespace() == [short_dead]
     assert os.listdir(folder) == [short_live]
-    assert "without a PID namespace: 1 " in "\n".join(_shm.report())  # the live one's
+    assert "without a PID namespace: 1 " in "\n".join(_shm_names.report())  # the live one's
 
 
 @needs_dev_shm
@@ -300,7 +300,7 @@ def test_sweep_touches_nothing_of_another_user_namespace_or_file_type(private_sh
     # Issue 17.3: "owner dead" was decided from the pid alone. Every entry below names a dead
     # pid; only the first is provably ours (this namespace, this user, a regular file).
     folder = private_shm_dir
-    ns = _shm.current_pid_namespace()
+    ns = _shm_names.current_pid_namespace()
     dead = _dead_pid()
     ours = _fake_block(folder, dead, time.time())
     other_ns = _fake_block(folder, dead, time.time(), namespace=ns + 1)  # pids there: not ours
@@ -308,11 +308,11 @@ def test_sweep_touches_nothing_of_another_user_namespace_or_file_type(private_sh
     other_user = _fake_block(folder, dead, time.time())
     os.chown(folder / other_user, 65534, 65534)  # nobody's
     target = _fake_block(folder, os.getpid(), time.time())  # live owner: a symlink must not reach
-    link = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    link = _shm_names.block_prefix(dead, _shm_names.pool_token()) + "zzzzz"
     os.symlink(folder / target, folder / link)
-    subdir = _shm.block_prefix(dead, _shm.pool_token()) + "zzzzz"
+    subdir = _shm_names.block_prefix(dead, _shm_names.pool_token()) + "zzzzz"
     os.mkdir(folder / subdir)
-    swept = _shm.sweep_dead_owners()
+    swept = _shm_names.sweep_dead_owners()
     assert swept == [ours]
     assert sorted(os.listdir(folder)) == sorted([other_ns, short, other_user, target, link, subdir])
 
@@ -365,10 +365,10 @@ _NAMESPACE_SCRIPT = """
 import os, sys
 sys.path[:0] = [{tests!r}, {root!r}]
 from hardening_helpers import BigBatches
-from compatmp import _shm
+from compatmp import _shm_names
 from compatmp._pool import OrderedPool
-print("namespace", _shm.current_pid_namespace(), "pid", os.getpid(), flush=True)
-print("swept", *_shm.sweep_dead_owners(), flush=True)
+print("namespace", _shm_names.current_pid_namespace(), "pid", os.getpid(), flush=True)
+print("swept", *_shm_names.sweep_dead_owners(), flush=True)
 with OrderedPool(BigBatches(), workers=1, start_method="fork") as pool:  # sweeps again
     print("batch", int(next(pool.imap([5]))[0][0, 0]), flush=True)
 """
@@ -395,7 +395,7 @@ def test_a_pool_in_another_pid_namespace_leaves_our_live_blocks_alone():
         assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
         lines = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()}
         namespace, _, pid = lines["namespace"]
-        assert int(namespace) != _shm.current_pid_namespace() and pid == "1"
+        assert int(namespace) != _shm_names.current_pid_namespace() and pid == "1"
         assert not set(lines["swept"]) & set(ours)
         assert lines["batch"] == ["5"]
         assert set(ours) <= set(os.listdir("/dev/shm"))

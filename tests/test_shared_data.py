@@ -13,7 +13,7 @@ from pool_datasets import PROCESS_METHODS, shm_entries
 from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset, ManyBuffersDataset
 
 import compatmp
-from compatmp import _shm
+from compatmp import _shm, _shm_names
 from compatmp._pool import OrderedPool
 from compatmp._shared_data import CHUNK, DatasetSharer
 
@@ -199,7 +199,7 @@ def test_small_arrays_stay_in_the_pickle_and_shared_payload_round_trips():
     sharer = DatasetSharer()
     small = {"a": np.arange(10), "big": np.ones(BIG)}
     sharer.check(small)
-    sharer.prefix = _shm.block_prefix(os.getpid(), "t000")
+    sharer.prefix = _shm_names.block_prefix(os.getpid(), "t000")
     try:
         payload = sharer.start(sharer.prefix, small)
         assert len(payload.buffers) == 1 and payload.buffers[0].nbytes == BIG * 8
@@ -218,7 +218,7 @@ def test_read_only_array_is_compared_too_and_stays_read_only_in_workers():
     sharer = DatasetSharer()
     sharer.check([x])
     try:
-        payload = sharer.start(_shm.block_prefix(os.getpid(), "t003"), [x])
+        payload = sharer.start(_shm_names.block_prefix(os.getpid(), "t003"), [x])
         assert payload.load()[0].flags.writeable is False  # as in the main process
         assert sharer.update([x]) is None
         x.setflags(write=True)
@@ -254,7 +254,7 @@ def test_empty_outside_workers_is_numpy_empty():
 
 
 def test_block_pool_sends_an_allocated_array_without_copying():
-    blocks = _shm.BlockPool(_shm.block_prefix(os.getpid(), "t001"), threshold=1024)
+    blocks = _shm.BlockPool(_shm_names.block_prefix(os.getpid(), "t001"), threshold=1024)
     try:
         x = blocks.allocate((256, 4), np.float64)
         x[...] = 7
@@ -377,7 +377,7 @@ def test_forkserver_preload_uses_the_modules_noted_while_pickling(monkeypatch):
     ds = BigArrayDataset()
     sharer.check(ds)
     try:
-        payload = sharer.start(_shm.block_prefix(os.getpid(), "t002"), ds)
+        payload = sharer.start(_shm_names.block_prefix(os.getpid(), "t002"), ds)
         assert "numpy" in payload.modules and "shared_data_helpers" in payload.modules
 
         class Ctx:
@@ -400,7 +400,7 @@ def test_buffers_that_do_not_fit_in_dev_shm_go_in_band_and_stay_exact(monkeypatc
     monkeypatch.setattr(_shm, "room", lambda headroom=0: 0)  # no room from the start
     sharer.check([x])
     try:
-        first = sharer.start(_shm.block_prefix(os.getpid(), "t004"), [x])
+        first = sharer.start(_shm_names.block_prefix(os.getpid(), "t004"), [x])
         if inherit:  # forked workers inherit it; no copy at the fork: a SHA-256 instead
             assert first[0] is x and sharer.block_names() == []
         else:
@@ -428,7 +428,7 @@ def test_fork_without_memory_for_the_copy_hashes_and_still_finds_a_sparse_write(
     sharer = DatasetSharer(inherit=True)
     sharer.check([x])
     try:
-        assert sharer.start(_shm.block_prefix(os.getpid(), "t005"), [x])[0] is x
+        assert sharer.start(_shm_names.block_prefix(os.getpid(), "t005"), [x])[0] is x
         assert sharer.block_names() == []  # hashed, not copied
         assert sharer.update([x]) is None  # unchanged: the digest matches
         x[BIG - 1] = 2.0  # the last element, written after the fork

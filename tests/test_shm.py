@@ -23,7 +23,7 @@ from pool_datasets import (
     shm_entries,
 )
 
-from compatmp import _shm
+from compatmp import _shm, _shm_names
 from compatmp._pool import OrderedPool
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
@@ -39,9 +39,9 @@ def _view(encoded):
 
 @pytest.fixture
 def prefix():
-    p = _shm.block_prefix(os.getpid(), "t001")
+    p = _shm_names.block_prefix(os.getpid(), "t001")
     yield p
-    _shm.sweep(p)
+    _shm_names.sweep(p)
 
 
 def test_round_trip_keeps_dtype_shape_values_and_structure(prefix):
@@ -140,7 +140,7 @@ def test_max_free_zero_keeps_no_released_block(prefix):
 
 
 def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch):
-    monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: 10 * 1024 * 1024)
+    monkeypatch.setattr(_shm_names, "free_bytes", lambda: 10 * 1024 * 1024)
     batch = (np.ones(1_000_000),)
     assert _shm.BlockPool(prefix).encode(batch, key=0) is batch
     assert shm_entries() == []
@@ -156,7 +156,7 @@ def test_free_blocks_of_other_sizes_do_not_hide_a_full_shm_filesystem(prefix, mo
     for k in range(10):
         blocks.release(k)
     assert len(blocks.free) == 10
-    monkeypatch.setattr(_shm, "_shm_free_bytes", lambda: _shm._SHM_HEADROOM + 6_000_000)
+    monkeypatch.setattr(_shm_names, "free_bytes", lambda: _shm._SHM_HEADROOM + 6_000_000)
     batch = (np.ones(1_000_000),)
     assert blocks.encode(batch, key=10) is batch  # stays in the pipe: no SIGBUS
     assert blocks.created == 10 and len(blocks.free) == 10
@@ -247,48 +247,48 @@ def test_view_of_a_vanished_block_says_so_and_releases_what_it_made(prefix):
 def test_sweep_finds_only_its_prefix(prefix):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("this OS cannot list shared memory")
-    other = _shm.block_prefix(os.getpid(), "t002")
+    other = _shm_names.block_prefix(os.getpid(), "t002")
     mine = _shm.names(_shm.BlockPool(prefix).encode((np.ones(100_000),), key=0))
     theirs = _shm.names(_shm.BlockPool(other).encode((np.ones(100_000),), key=0))
-    assert _shm.sweep(prefix) == mine
+    assert _shm_names.sweep(prefix) == mine
     assert shm_entries() == theirs
-    assert _shm.sweep(other) == theirs
+    assert _shm_names.sweep(other) == theirs
     with pytest.raises(ValueError, match="non-empty prefix"):
-        _shm.sweep("")
+        _shm_names.sweep("")
 
 
 def test_block_names_fit_macos_limit():
-    token = _shm.pool_token()
+    token = _shm_names.pool_token()
     assert len(token) == 13 and token.isalnum() and token == token.lower()  # 64 bits, base 36
     # The short form (no PID namespace: macOS) fits macOS's 31 characters, on every platform.
-    prefix = _shm.block_prefix(9_999_999, token, pid_namespace=None)
+    prefix = _shm_names.block_prefix(9_999_999, token, pid_namespace=None)
     assert prefix == f"cmp9999999_{token}_"
-    assert len("/" + prefix) + _shm._MIN_BLOCK_TOKEN_CHARS <= 31
+    assert len("/" + prefix) + _shm_names._MIN_BLOCK_TOKEN_CHARS <= 31
     with pytest.raises(ValueError, match="31 characters"):
-        _shm.block_prefix(9_999_999, token + "x", pid_namespace=None)
+        _shm_names.block_prefix(9_999_999, token + "x", pid_namespace=None)
     with pytest.raises(ValueError, match="lowercase letters and digits"):
-        _shm.block_prefix(1, "ab_c")
+        _shm_names.block_prefix(1, "ab_c")
     # With a namespace (Linux: up to 10 digits) the name stays far below NAME_MAX (255).
-    long_prefix = _shm.block_prefix(9_999_999, token, pid_namespace=4_294_967_295)
+    long_prefix = _shm_names.block_prefix(9_999_999, token, pid_namespace=4_294_967_295)
     assert long_prefix == f"cmp9999999n4294967295_{token}_"
-    assert _shm._NAME_RE.match(long_prefix + "a" * _shm._MAX_BLOCK_TOKEN_CHARS)
-    assert not _shm._NAME_RE.match(prefix + "a" * _shm._MAX_BLOCK_TOKEN_CHARS)
+    assert _shm_names._NAME_RE.match(long_prefix + "a" * _shm_names._MAX_BLOCK_TOKEN_CHARS)
+    assert not _shm_names._NAME_RE.match(prefix + "a" * _shm_names._MAX_BLOCK_TOKEN_CHARS)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PID namespaces are Linux's")
 def test_names_carry_this_process_pid_namespace():
     ns = os.stat("/proc/self/ns/pid").st_ino
-    assert _shm.current_pid_namespace() == ns
-    assert _shm.block_prefix(os.getpid(), "t001") == f"cmp{os.getpid()}n{ns}_t001_"
-    assert _shm.owner_prefix(os.getpid()) == f"cmp{os.getpid()}n{ns}_"
+    assert _shm_names.current_pid_namespace() == ns
+    assert _shm_names.block_prefix(os.getpid(), "t001") == f"cmp{os.getpid()}n{ns}_t001_"
+    assert _shm_names.owner_prefix(os.getpid()) == f"cmp{os.getpid()}n{ns}_"
 
 
 def test_no_namespace_where_proc_is_another_namespace(monkeypatch):
     # `unshare --pid --fork` without --mount-proc: /proc/self names another pid than ours.
     monkeypatch.setattr(os, "readlink", lambda path: "1" if path == "/proc/self" else "")
-    assert _shm.current_pid_namespace() is None
-    assert _shm.block_prefix(1234, "t001") == "cmp1234_t001_"
-    assert _shm.sweep_dead_owners() == []  # pids there prove nothing: sweep nothing
+    assert _shm_names.current_pid_namespace() is None
+    assert _shm_names.block_prefix(1234, "t001") == "cmp1234_t001_"
+    assert _shm_names.sweep_dead_owners() == []  # pids there prove nothing: sweep nothing
 
 
 @pytest.mark.timeout(60)
@@ -361,7 +361,7 @@ def test_blocks_are_reused_when_the_consumer_drops_batches(method):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", PROCESS_METHODS)
 def test_busy_worker_unlinks_its_blocks_on_sigterm(method, monkeypatch):
-    monkeypatch.setattr(_shm, "sweep", lambda prefix: [])  # prove the workers did it
+    monkeypatch.setattr(_shm_names, "sweep", lambda prefix: [])  # prove the workers did it
     with OrderedPool(
         BusyAfterDataset(10, busy_from=2, seconds=30), workers=1, start_method=method
     ) as pool:
@@ -400,8 +400,8 @@ pool = OrderedPool(BigArrayDataset(20, (512, 512)), workers=2, start_method={met
 it = pool.imap(range(20))
 next(it)
 del it, pool
-from compatmp import _shm
-mine = _shm.owner_prefix(os.getpid())
+from compatmp import _shm_names
+mine = _shm_names.owner_prefix(os.getpid())
 print("left:", sorted(e for e in os.listdir("/dev/shm") if e.startswith(mine)))
 """
 
