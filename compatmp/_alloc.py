@@ -1,11 +1,11 @@
 """``compatmp.empty``: batch arrays allocated straight in the worker's shared memory.
 
 A worker process sends each big array of a batch (>= 256 KiB) through one of its reusable
-shared-memory blocks (:mod:`compatmp._shm`): normally the dataset builds the array in private
-memory and the worker copies it into a block. An array from :func:`empty` already *is* a view
-of a free block, so :meth:`compatmp._shm.BlockPool.encode` recognises it (same data address,
-contiguous) and sends its descriptor without copying. For a 19 MB batch that is one memcpy of
-19 MB and the page faults of a fresh private buffer saved per batch.
+shared-memory blocks (:mod:`compatmp._batch_blocks`): normally the dataset builds the array in
+private memory and the worker copies it into a block. An array from :func:`empty` already *is* a
+view of a free block, so :meth:`compatmp._batch_blocks.BlockPool.encode` recognises it (same data
+address, contiguous) and sends its descriptor without copying. For a 19 MB batch that is one memcpy
+of 19 MB and the page faults of a fresh private buffer saved per batch.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def empty(shape: Any, dtype: Any = float, order: str = "C") -> np.ndarray:
             return x, labels
 
     In a compatmp worker *process*, an array of at least 256 KiB
-    (``compatmp._shm.SHM_THRESHOLD``) is a view of one of the worker's reusable shared-memory
-    blocks: returned as (part of) the batch, it reaches the main process without being copied.
-    Everywhere else - the main process, worker threads, Keras' or torch's workers, small
+    (``compatmp._batch_blocks.SHM_THRESHOLD``) is a view of one of the worker's reusable
+    shared-memory blocks: returned as (part of) the batch, it reaches the main process without being
+    copied. Everywhere else - the main process, worker threads, Keras' or torch's workers, small
     arrays - it is ``numpy.empty(shape, dtype, order)``.
 
     Contract: the array belongs to the batch being computed. Return it (whole, not a strided

@@ -88,7 +88,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-from . import _shm, _stall, _tasks, _worker
+from . import _batch_blocks, _stall, _tasks, _worker
 from ._exceptions import WorkerCrashedError, WorkerTimeoutError
 from ._processes import KILL_TIMEOUT, TERMINATE_TIMEOUT, ProcessTransport
 from ._ray import RayTransport
@@ -257,9 +257,9 @@ class _Core:
         self.rr = 0
         # Zero-copy batches: views of the workers' blocks, released when the consumer drops
         # them. Finalizers run in any thread and only append to the deque; the pump turns
-        # them into releases (NOTE [ Shared-memory ownership ] in _shm).
+        # them into releases (NOTE [ Shared-memory ownership ] in _batch_blocks).
         self.released: collections.deque[int] = collections.deque()
-        self.attachments = _shm.Attachments(self.released.append)
+        self.attachments = _batch_blocks.Attachments(self.released.append)
         # Held while talking to the workers (pump, dispatch, close): close() may come from
         # another thread while a consumer thread waits for a batch; it then waits for that
         # thread's current wait to end (<= MAIN_POLL_INTERVAL) instead of racing on the pipes.
@@ -295,7 +295,8 @@ class _Core:
                 dataset=dataset,
                 init_fn=init_fn,
                 main_pid=os.getpid(),
-                shm_threshold=_shm.SHM_THRESHOLD,  # read now: benchmarks and tests patch it
+                # read now: benchmarks and tests patch it
+                shm_threshold=_batch_blocks.SHM_THRESHOLD,
                 seed_batches=self.seed_batches,
             )
             for i in range(self.num_workers)

@@ -55,7 +55,7 @@ class OrderedPool:
     threads; workers start once, in the constructor, and serve every epoch until
     :meth:`close`. See :mod:`compatmp._core` for the data flow and the reasons behind it.
 
-    Big NumPy arrays (>= 256 KiB, ``compatmp._shm.SHM_THRESHOLD``) in batches of worker
+    Big NumPy arrays (>= 256 KiB, ``compatmp._batch_blocks.SHM_THRESHOLD``) in batches of worker
     processes travel through shared memory and arrive zero-copy: they are writable views of
     the worker's shared-memory block, valid for as long as you hold them (also after
     :meth:`close`). A block is reused once every array viewing it is garbage, so holding many

@@ -6,7 +6,7 @@ is launched (no ``__main__`` re-run, SIGINT blocked, the forkserver preload) is
 pipes and sentinels together (loky's crash-detection technique, NOTE [ Why multiprocessing
 contexts, not loky ] in :mod:`compatmp._core`), their stack files for stall reports, and the
 stop -> SIGTERM -> SIGKILL shutdown. Batches arrive through the workers' shared-memory blocks
-(NOTE [ Shared-memory ownership ] in :mod:`compatmp._shm`), named by :attr:`shm_prefix`.
+(NOTE [ Shared-memory ownership ] in :mod:`compatmp._batch_blocks`), named by :attr:`shm_prefix`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any
 
-from . import _launch, _shm, _shm_names, _stall, _worker
+from . import _batch_blocks, _launch, _shm, _shm_names, _stall, _worker
 from ._transport import MAIN_POLL_INTERVAL, Transport, WorkerHandle, shutdown_step
 
 __all__ = [
@@ -175,7 +175,7 @@ class ProcessTransport(Transport):
         return readable, dead
 
     def blocks_of(self, batch: Any) -> list[str]:
-        return _shm.names(batch)
+        return _batch_blocks.names(batch)
 
     def shutdown(self, deadline: float, drain: Any) -> None:
         procs: list[ProcessHandle] = list(self.handles)  # type: ignore[arg-type]

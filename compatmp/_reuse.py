@@ -116,14 +116,14 @@ def resolve_idle_timeout(value: float | None) -> float:
 
 
 def _key(method: str, workers: int, worker_init_fn: Any, stall_timeout: float | None) -> tuple:
-    from . import _shm
+    from . import _batch_blocks
 
     return (
         method,
         workers,
         id(worker_init_fn),
         bool(stall_timeout),
-        _shm.SHM_THRESHOLD,
+        _batch_blocks.SHM_THRESHOLD,
         os.getpid(),
     )
 

@@ -12,7 +12,7 @@ however many workers, and the arrays are as writable as in the main process.
 
 NOTE [ Shared dataset buffers ]
 Ownership. The blocks belong to the MAIN process (unlike batch blocks, which belong to the
-worker that fills them, NOTE [ Shared-memory ownership ] in :mod:`compatmp._shm`): created
+worker that fills them, NOTE [ Shared-memory ownership ] in :mod:`compatmp._batch_blocks`): created
 when the pool sends the dataset (under fork: just before the fork, "Fork" below), unlinked
 by :meth:`DatasetSharer.close` when the pool closes, shuts down after an error or is garbage
 collected (``_Core.close``), and at

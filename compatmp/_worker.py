@@ -32,7 +32,7 @@ main -> worker::
 worker -> main::
 
     ("ready", worker_id, pid)          dataset loaded, worker_init_fn ran, seeds set
-    ("ok", send_idx, batch, dropped)   the batch, big arrays replaced by _shm.ShmArray;
+    ("ok", send_idx, batch, dropped)   the batch, big arrays replaced by _batch_blocks.ShmArray;
                                        dropped: names of the blocks this worker unlinked
                                        since its last "ok" (the main closes its handles)
     ("updated", version)               the new dataset is in place
@@ -84,7 +84,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from . import _seeds, _shm, _stall
+from . import _batch_blocks, _seeds, _stall
 from ._preload import WorkerPayload
 
 __all__ = [
@@ -152,7 +152,7 @@ class WorkerInfo:
 
 
 _process_info: WorkerInfo | None = None  # set once in a worker process
-_process_blocks: _shm.BlockPool | None = None  # this worker process's batch blocks
+_process_blocks: _batch_blocks.BlockPool | None = None  # this worker process's batch blocks
 _thread_info = threading.local()  # set in each worker thread
 
 
@@ -534,7 +534,7 @@ class WorkerConfig:
     in_process: bool = True
     main_pid: int = 0
     shm_prefix: str | None = None
-    shm_threshold: int = _shm.SHM_THRESHOLD
+    shm_threshold: int = _batch_blocks.SHM_THRESHOLD
     seed_batches: bool = False
     stack_file: str | None = None
 
@@ -601,7 +601,7 @@ def worker_main(channel: Channel, config: WorkerConfig) -> None:
         _thread_info.info = info
     blocks = None
     if config.shm_prefix is not None:
-        blocks = _shm.BlockPool(config.shm_prefix, config.shm_threshold)
+        blocks = _batch_blocks.BlockPool(config.shm_prefix, config.shm_threshold)
     if config.in_process:
         global _process_blocks
         _process_blocks = blocks  # for compatmp.empty() (compatmp._alloc)
@@ -651,7 +651,7 @@ def _send(channel: Channel, msg: tuple) -> None:
 
 
 def _loop(
-    channel: Channel, config: WorkerConfig, dataset: Any, blocks: _shm.BlockPool | None
+    channel: Channel, config: WorkerConfig, dataset: Any, blocks: _batch_blocks.BlockPool | None
 ) -> None:
     alive = _parent_watchdog(config.main_pid) if config.in_process and config.main_pid else None
     next_check = time.monotonic() + WATCHDOG_INTERVAL
@@ -746,7 +746,7 @@ def _run_task(
     dataset: Any,
     send_idx: int,
     index: Any,
-    blocks: _shm.BlockPool | None,
+    blocks: _batch_blocks.BlockPool | None,
     pass_number: int = 0,
 ) -> None:
     by_reference = not config.in_process

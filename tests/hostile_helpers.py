@@ -8,7 +8,7 @@ which only the main process (or a test's subprocess) calls.
 
 Batches are ``(x, y)`` with ``x`` of shape ``(rows, 4)`` float32 and ``y = x @ w``: a
 ``Dense(1)`` model on 4 features trains on them in a few milliseconds per step.
-``rows=BIG_ROWS`` makes ``x`` exactly :data:`compatmp._shm.SHM_THRESHOLD` bytes, so batches
+``rows=BIG_ROWS`` makes ``x`` exactly :data:`compatmp._batch_blocks.SHM_THRESHOLD` bytes, so batches
 travel through shared memory and the tests can check that no block is left behind.
 """
 
@@ -29,7 +29,7 @@ N_FEATURES = 4
 _WEIGHTS = np.array([[0.5], [-1.0], [2.0], [0.25]], dtype=np.float32)
 
 #: Rows per batch that make ``x`` (float32, 4 features) 256 KiB, the shared-memory threshold
-#: of ``compatmp._shm`` (arrays of at least that many bytes go through shared memory).
+#: of ``compatmp._batch_blocks`` (arrays of at least that many bytes go through shared memory).
 BIG_ROWS = 16384
 
 

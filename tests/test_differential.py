@@ -4,7 +4,7 @@ dataset iterated in the main process.
 
 Leaves are NumPy arrays (several dtypes; C, Fortran and non-contiguous layouts; read-only or
 writable) and ``bytearray`` objects, with sizes around the batch threshold (256 KiB,
-``compatmp._shm.SHM_THRESHOLD``) and the dataset-buffer threshold (1 MiB,
+``compatmp._batch_blocks.SHM_THRESHOLD``) and the dataset-buffer threshold (1 MiB,
 ``compatmp._shared_data.SHARE_THRESHOLD``), nested in dicts, tuples and lists. Mutations
 between epochs: a few elements written in place (the case a sampled fingerprint missed),
 a slice assigned, a leaf replaced by a new array of the same shape, of another shape, of

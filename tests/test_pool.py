@@ -48,8 +48,8 @@ from compatmp import (
     dumps,
 )
 from compatmp import _worker as _worker_mod
+from compatmp._batch_blocks import MAX_FREE_BLOCKS
 from compatmp._pool import OrderedPool
-from compatmp._shm import MAX_FREE_BLOCKS
 from compatmp._worker import RemoteTraceback, get_worker_info
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")

@@ -13,7 +13,7 @@ from pool_datasets import PROCESS_METHODS, shm_entries
 from shared_data_helpers import BIG, BigArrayDataset, EmptyBatchDataset, ManyBuffersDataset
 
 import compatmp
-from compatmp import _shm, _shm_names
+from compatmp import _batch_blocks, _shm, _shm_names
 from compatmp._pool import OrderedPool
 from compatmp._shared_data import CHUNK, DatasetSharer
 
@@ -254,7 +254,7 @@ def test_empty_outside_workers_is_numpy_empty():
 
 
 def test_block_pool_sends_an_allocated_array_without_copying():
-    blocks = _shm.BlockPool(_shm_names.block_prefix(os.getpid(), "t001"), threshold=1024)
+    blocks = _batch_blocks.BlockPool(_shm_names.block_prefix(os.getpid(), "t001"), threshold=1024)
     try:
         x = blocks.allocate((256, 4), np.float64)
         x[...] = 7

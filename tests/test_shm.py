@@ -23,7 +23,7 @@ from pool_datasets import (
     shm_entries,
 )
 
-from compatmp import _shm, _shm_names
+from compatmp import _batch_blocks, _shm, _shm_names
 from compatmp._pool import OrderedPool
 
 pytestmark = pytest.mark.usefixtures("no_leaked_workers")
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(TESTS_DIR)
 
 def _view(encoded):
     """The batch as the main process gets it (zero-copy views; nobody waits for releases)."""
-    return _shm.Attachments(lambda key: None).view(encoded, key=0)
+    return _batch_blocks.Attachments(lambda key: None).view(encoded, key=0)
 
 
 @pytest.fixture
@@ -45,11 +45,11 @@ def prefix():
 
 
 def test_round_trip_keeps_dtype_shape_values_and_structure(prefix):
-    blocks = _shm.BlockPool(prefix)
+    blocks = _batch_blocks.BlockPool(prefix)
     batch = sample_batch(1)
     encoded = blocks.encode(batch, key=0)
     # The big arrays moved (the strided view of `big` is 44 KiB: small, it stays).
-    moved = _shm.names(encoded)
+    moved = _batch_blocks.names(encoded)
     assert len(moved) == 6
     assert sorted(moved) == shm_entries()
     assert_batches_equal(_view(encoded), batch)
@@ -63,12 +63,12 @@ def test_small_object_and_empty_arrays_stay_in_the_batch(prefix):
     obj = np.array([1, None], dtype=object)
     empty = np.zeros((0, 3))
     batch = (small, obj, empty, "leaf", 7)
-    blocks = _shm.BlockPool(prefix, threshold=0)
+    blocks = _batch_blocks.BlockPool(prefix, threshold=0)
     encoded = blocks.encode(batch, key=0)
-    assert len(_shm.names(encoded)) == 1  # only `small` moved
+    assert len(_batch_blocks.names(encoded)) == 1  # only `small` moved
     assert encoded[1] is obj and encoded[2] is empty
     assert_batches_equal(_view(encoded), batch)
-    assert _shm.BlockPool(prefix).encode(batch, key=0) is batch  # nothing >= 256 KiB
+    assert _batch_blocks.BlockPool(prefix).encode(batch, key=0) is batch  # nothing >= 256 KiB
     blocks.close()
 
 
@@ -80,9 +80,9 @@ def test_zero_d_non_contiguous_and_fortran_arrays(prefix):
         "fortran": np.asfortranarray(base),
         "structured": np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),
     }
-    blocks = _shm.BlockPool(prefix, threshold=0)
+    blocks = _batch_blocks.BlockPool(prefix, threshold=0)
     encoded = blocks.encode(batch, key=0)
-    assert len(_shm.names(encoded)) == 4
+    assert len(_batch_blocks.names(encoded)) == 4
     decoded = _view(encoded)
     assert_batches_equal(decoded, batch)
     assert decoded["scalar"].shape == ()
@@ -92,11 +92,11 @@ def test_zero_d_non_contiguous_and_fortran_arrays(prefix):
 
 
 def test_released_blocks_are_reused_and_bounded(prefix):
-    blocks = _shm.BlockPool(prefix, max_free=2, max_kept=2)
+    blocks = _batch_blocks.BlockPool(prefix, max_free=2, max_kept=2)
     a = np.ones((300, 300))
-    first = _shm.names(blocks.encode((a, a), key=0))
+    first = _batch_blocks.names(blocks.encode((a, a), key=0))
     blocks.release(0)
-    second = _shm.names(blocks.encode((a * 2, a * 3), key=1))
+    second = _batch_blocks.names(blocks.encode((a * 2, a * 3), key=1))
     assert sorted(second) == sorted(first)  # same blocks, new content
     assert_batches_equal(_view(blocks.encode((a * 2,), key=9)), (a * 2,))
     # Keys 1 and 9 hold three blocks; releasing all keeps only max_kept=2 of them.
@@ -111,15 +111,15 @@ def test_released_blocks_are_reused_and_bounded(prefix):
 def test_free_list_keeps_the_peak_in_use_up_to_max_kept(prefix):
     # A pipeline that once had 5 blocks in use finds them again after releasing them all
     # (the next epoch creates nothing); max_kept bounds what an idle worker holds.
-    blocks = _shm.BlockPool(prefix, max_free=1, max_kept=3)
+    blocks = _batch_blocks.BlockPool(prefix, max_free=1, max_kept=3)
     a = np.ones((300, 300))
-    first = [_shm.names(blocks.encode((a * k,), key=k))[0] for k in range(5)]
+    first = [_batch_blocks.names(blocks.encode((a * k,), key=k))[0] for k in range(5)]
     assert blocks.peak == 5 and blocks.created == 5
     for k in range(5):
         blocks.release(k)
     assert len(blocks.free) == 3 and len(shm_entries()) == 3
     assert len(blocks.take_dropped()) == 2
-    again = [_shm.names(blocks.encode((a * k,), key=10 + k))[0] for k in range(3)]
+    again = [_batch_blocks.names(blocks.encode((a * k,), key=10 + k))[0] for k in range(3)]
     assert blocks.created == 5 and set(again) <= set(first)  # reused, none created
     # Releasing one while two stay in use keeps the pool at its peak, never beyond max_kept.
     blocks.release(10)
@@ -129,7 +129,7 @@ def test_free_list_keeps_the_peak_in_use_up_to_max_kept(prefix):
 
 
 def test_max_free_zero_keeps_no_released_block(prefix):
-    blocks = _shm.BlockPool(prefix, max_free=0)
+    blocks = _batch_blocks.BlockPool(prefix, max_free=0)
     a = np.ones((300, 300))
     for k in range(3):
         blocks.encode((a,), key=k)
@@ -142,14 +142,14 @@ def test_max_free_zero_keeps_no_released_block(prefix):
 def test_too_full_shm_filesystem_keeps_the_batch_in_the_pipe(prefix, monkeypatch):
     monkeypatch.setattr(_shm_names, "free_bytes", lambda: 10 * 1024 * 1024)
     batch = (np.ones(1_000_000),)
-    assert _shm.BlockPool(prefix).encode(batch, key=0) is batch
+    assert _batch_blocks.BlockPool(prefix).encode(batch, key=0) is batch
     assert shm_entries() == []
 
 
 def test_free_blocks_of_other_sizes_do_not_hide_a_full_shm_filesystem(prefix, monkeypatch):
     # The free list keeps up to max_kept blocks; ten small ones (3 MB in all) must not
     # count as room for an 8 MB array that needs a new block.
-    blocks = _shm.BlockPool(prefix, max_free=10)
+    blocks = _batch_blocks.BlockPool(prefix, max_free=10)
     small = np.ones(300_000 // 8)
     for k in range(10):
         blocks.encode((small,), key=k)
@@ -171,11 +171,11 @@ def _mapped_blocks(prefix: str) -> int:
 
 
 def test_views_share_the_block_and_release_when_the_last_view_is_gone(prefix):
-    blocks = _shm.BlockPool(prefix)
+    blocks = _batch_blocks.BlockPool(prefix)
     a, b = np.arange(100_000.0), np.ones((300, 300), dtype=np.float32, order="F")
     encoded = blocks.encode({"a": a, "b": [b], "small": 7}, key=0)
     released = []
-    att = _shm.Attachments(released.append)
+    att = _batch_blocks.Attachments(released.append)
     batch = att.view(encoded, key=0)
     assert_batches_equal(batch, {"a": a, "b": [b], "small": 7})
     assert batch["b"][0].flags.f_contiguous
@@ -200,9 +200,9 @@ def test_views_share_the_block_and_release_when_the_last_view_is_gone(prefix):
 def test_attachments_close_handles_of_dropped_blocks_once_unused(prefix):
     if not os.path.exists("/proc/self/maps"):
         pytest.skip("needs /proc/self/maps to see mappings")
-    blocks = _shm.BlockPool(prefix, max_free=0)  # every released block is unlinked
+    blocks = _batch_blocks.BlockPool(prefix, max_free=0)  # every released block is unlinked
     released = []
-    att = _shm.Attachments(released.append)
+    att = _batch_blocks.Attachments(released.append)
     first = att.view(blocks.encode((np.ones(100_000),), key=0), key=0)
     kept = first[0]
     del first
@@ -228,15 +228,15 @@ def test_attachments_close_handles_of_dropped_blocks_once_unused(prefix):
     assert len(att) == 0 and released == [0, 1]
     blocks.close()
     with pytest.raises(RuntimeError, match="after close"):
-        att.view(_shm.BlockPool(prefix).encode((np.ones(100_000),), key=3), key=3)
+        att.view(_batch_blocks.BlockPool(prefix).encode((np.ones(100_000),), key=3), key=3)
 
 
 def test_view_of_a_vanished_block_says_so_and_releases_what_it_made(prefix):
-    blocks = _shm.BlockPool(prefix)
+    blocks = _batch_blocks.BlockPool(prefix)
     encoded = blocks.encode((np.ones(100_000), np.ones(100_000)), key=0)
     SharedMemory(name=encoded[1].name).unlink()
     released = []
-    att = _shm.Attachments(released.append)
+    att = _batch_blocks.Attachments(released.append)
     with pytest.raises(FileNotFoundError, match="vanished"):
         att.view(encoded, key=0)
     assert released == [0]
@@ -248,8 +248,8 @@ def test_sweep_finds_only_its_prefix(prefix):
     if not os.path.isdir("/dev/shm"):
         pytest.skip("this OS cannot list shared memory")
     other = _shm_names.block_prefix(os.getpid(), "t002")
-    mine = _shm.names(_shm.BlockPool(prefix).encode((np.ones(100_000),), key=0))
-    theirs = _shm.names(_shm.BlockPool(other).encode((np.ones(100_000),), key=0))
+    mine = _batch_blocks.names(_batch_blocks.BlockPool(prefix).encode((np.ones(100_000),), key=0))
+    theirs = _batch_blocks.names(_batch_blocks.BlockPool(other).encode((np.ones(100_000),), key=0))
     assert _shm_names.sweep(prefix) == mine
     assert shm_entries() == theirs
     assert _shm_names.sweep(other) == theirs
@@ -353,7 +353,7 @@ def test_blocks_are_reused_when_the_consumer_drops_batches(method):
         del batch
         # Bounded by what can be in flight (4 queued + the one held) plus the free lists,
         # not by the 60 batches.
-        assert len(seen) <= 4 + 1 + 2 * _shm.MAX_FREE_BLOCKS
+        assert len(seen) <= 4 + 1 + 2 * _batch_blocks.MAX_FREE_BLOCKS
         assert len(pool._core.attachments) <= len(seen)
     assert shm_entries() == []
 

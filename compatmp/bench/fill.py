@@ -19,7 +19,7 @@ batch, and ``new blocks``: shared-memory blocks the workers created during the e
 names the main process had not seen before; creating and first touching a 19 MB block costs
 ~15 ms here, refilling a mapped one ~0.5 ms). The first epoch of a fresh pool must create its
 pipeline's blocks, as a fresh thread process must fault in its first buffers; later epochs
-should create none (NOTE [ Shared-memory ownership ] in ``compatmp._shm``).
+should create none (NOTE [ Shared-memory ownership ] in ``compatmp._batch_blocks``).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def run_one(
         AssertionError: a batch did not hold its own values (the loader returned a wrong or
             overwritten batch).
     """
-    from compatmp import OrderedPool, _shm
+    from compatmp import OrderedPool, _batch_blocks
 
     ds = FillDataset(batches + 2, shape)
     seen: set[str] = set()
@@ -107,7 +107,7 @@ def run_one(
         view = core.attachments.view
 
         def counting_view(encoded: Any, key: Any) -> Any:
-            seen.update(_shm.names(encoded))
+            seen.update(_batch_blocks.names(encoded))
             return view(encoded, key)
 
         core.attachments.view = counting_view  # type: ignore[method-assign]
