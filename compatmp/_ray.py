@@ -81,7 +81,7 @@ from typing import Any
 
 from . import _worker
 from ._exceptions import StartMethodError
-from ._transport import Transport, WorkerHandle
+from ._transport import Transport, WorkerHandle, take_back_tasks
 
 __all__ = [
     "ACTOR_OPTIONS_ENV_VAR",
@@ -440,12 +440,7 @@ class RayChannel:
 
     def withdraw(self, send_idxs: set[int]) -> list[int]:
         """Take the tasks of ``send_idxs`` out of the queue (never submitted); which were."""
-        taken = [m[1] for m in self.queued if m[0] == _worker.TASK and m[1] in send_idxs]
-        if taken:
-            kept = [m for m in self.queued if not (m[0] == _worker.TASK and m[1] in taken)]
-            self.queued.clear()
-            self.queued.extend(kept)
-        return taken
+        return take_back_tasks(self.queued, send_idxs)
 
     def head(self) -> Any:
         """The oldest pending reply's ObjectRef, or None."""

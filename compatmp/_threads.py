@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from . import _stall, _worker
-from ._transport import Transport, WorkerHandle
+from ._transport import Transport, WorkerHandle, take_back_tasks
 
 __all__ = ["ThreadHandle", "ThreadTransport"]
 
@@ -109,12 +109,7 @@ class ThreadTransport(Transport):
     def withdraw(self, handle: WorkerHandle, send_idxs: set[int]) -> list[int]:
         inbox = handle.channel.outbox  # the worker's inbox: messages it has not read yet
         with inbox.cond:
-            taken = [m[1] for m in inbox.items if m[0] == _worker.TASK and m[1] in send_idxs]
-            if taken:
-                kept = [m for m in inbox.items if not (m[0] == _worker.TASK and m[1] in taken)]
-                inbox.items.clear()
-                inbox.items.extend(kept)
-        return taken
+            return take_back_tasks(inbox.items, send_idxs)
 
     def rebuild_exception(self, msg: tuple) -> BaseException:
         return _worker.rebuild_exception(msg, by_reference=True)

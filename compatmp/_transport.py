@@ -47,7 +47,14 @@ from typing import Any
 
 from . import _worker
 
-__all__ = ["MAIN_POLL_INTERVAL", "Transport", "WorkerHandle", "describe_exit", "shutdown_step"]
+__all__ = [
+    "MAIN_POLL_INTERVAL",
+    "Transport",
+    "WorkerHandle",
+    "describe_exit",
+    "shutdown_step",
+    "take_back_tasks",
+]
 
 # How long the main side waits for a message before re-checking deadlines and thread
 # liveness (seconds): the core's pump and the process transport's shutdown drain alike.
@@ -83,6 +90,29 @@ def shutdown_step(what: str, step: Callable[[], object]) -> bool:
         )
         return False
     return True
+
+
+def take_back_tasks(queue: Any, send_idxs: set[int]) -> list[int]:
+    """Remove the ``("task", send_idx, ...)`` messages of ``send_idxs`` from ``queue``.
+
+    What :meth:`Transport.withdraw` does where the transport still holds the messages a
+    worker has not received (threads: the worker's mailbox; Ray: the calls not yet submitted).
+
+    Args:
+        queue (collections.deque | list): NOTE [ Worker protocol ] messages, oldest first;
+            changed in place, the other messages kept in order. The caller holds whatever
+            lock guards it.
+        send_idxs (set[int]): the tasks to take back.
+
+    Returns:
+        list[int]: the send_idxs removed, in queue order.
+    """
+    taken = [m[1] for m in queue if m[0] == _worker.TASK and m[1] in send_idxs]
+    if taken:
+        kept = [m for m in queue if not (m[0] == _worker.TASK and m[1] in send_idxs)]
+        queue.clear()
+        queue.extend(kept)
+    return taken
 
 
 def describe_exit(code: int | None) -> str:
