@@ -56,14 +56,15 @@ cannot be lost that way). An actor that cannot be placed (the cluster lacks the 
 it asks for) is reported as crashed after :data:`ACTOR_START_TIMEOUT`. Actors are created with
 ``max_restarts=0``: a restarted actor would have lost the dataset and the batch it held.
 
-Ray itself: when Ray is not initialised, the first pool starts a local instance sized to its
-workers (``num_cpus=workers``, no dashboard, worker output not forwarded) or, when
-``RAY_ADDRESS`` is set, connects to that cluster; the last pool using it shuts it down at
-``close()``. A Ray the program initialised (``ray.init(...)``) is used and left running.
-Batches already yielded stay valid after the shutdown. The workers receive the main process's
-``sys.path`` entries that exist on their node and its working directory when it exists there
-(as spawn does), so the dataset's own modules and relative paths work on one machine; on a
-cluster they must be installed on, or reachable from, every node.
+Ray itself: when Ray is not initialised, the first pool starts a new local instance sized to
+its workers (``address="local"``, ``num_cpus=workers``, no dashboard, worker output not
+forwarded; never the cluster a ``ray start`` on this machine recorded, which Ray's default
+``ray.init()`` would join) or, when ``RAY_ADDRESS`` is set, connects to that cluster; the last
+pool using it shuts it down at ``close()``. A Ray the program initialised (``ray.init(...)``)
+is used and left running. Batches already yielded stay valid after the shutdown. The workers
+receive the main process's ``sys.path`` entries that exist on their node and its working
+directory when it exists there (as spawn does), so the dataset's own modules and relative paths
+work on one machine; on a cluster they must be installed on, or reachable from, every node.
 """
 
 from __future__ import annotations
@@ -341,7 +342,14 @@ def _acquire_ray(workers: int) -> bool:
             "logging_level": logging.WARNING,
         }
         if not os.environ.get("RAY_ADDRESS"):
-            kwargs["num_cpus"] = workers  # a local instance just big enough for the pool
+            # A new local instance just big enough for the pool. address="local": without
+            # it, ray.init() joins the last cluster that `ray start` (or a test's
+            # ray.cluster_utils.Cluster) recorded in /tmp/ray/ray_current_cluster
+            # (ray/_private/services.py, get_ray_address_from_environment), and then
+            # refuses num_cpus with a ValueError: any other Ray cluster on the machine
+            # broke every Ray pool.
+            kwargs["address"] = "local"
+            kwargs["num_cpus"] = workers
         ray.init(**kwargs)
         _owned_users = 1
         return True

@@ -244,6 +244,59 @@ def test_update_takes_back_the_orphaned_prefetches_no_actor_received(tmp_path):
         pool._core.tasks.check()
 
 
+_OWN_INSTANCE_SCRIPT = """
+import json
+import compatmp
+
+
+class Where:
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import ray
+
+        return i, ray.get_runtime_context().gcs_address
+
+
+with compatmp.OrderedPool(Where(), workers=1, start_method="ray") as pool:
+    rows = list(pool.imap(range(4)))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.ray
+@requires_ray
+def test_a_pool_starts_its_own_ray_beside_a_cluster_started_on_this_machine():
+    # Ray's ray.init() without an address joins the last cluster `ray start` (or a Cluster,
+    # as here) recorded in /tmp/ray/ray_current_cluster, then refuses num_cpus: every Ray
+    # pool failed with ValueError while another Ray cluster ran on the machine (found running
+    # two copies of the suite side by side). Without RAY_ADDRESS, a pool starts its own.
+    import os
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run(
+            [sys.executable, "-c", _OWN_INSTANCE_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert [i for i, _ in rows] == [0, 1, 2, 3]
+        assert {gcs for _, gcs in rows} != {cluster.address}  # its own instance
+    finally:
+        cluster.shutdown()
+
+
 @pytest.mark.keras
 @pytest.mark.timeout(300)
 @pytest.mark.ray
