@@ -268,26 +268,20 @@ def test_blocks_without_namespace_are_listed_never_swept_and_removed_only_on_req
     assert "without a PID namespace: 1 " in "\n".join(_shm_names.report())  # the live one's
 
 
-@needs_dev_shm
-def test_doctor_lists_and_removes_blocks_without_namespace():
-    # The command line end to end, in the real /dev/shm: only the entry this test planted is
-    # checked (other runs may have blocks there).
-    dead = _dead_pid()
-    name = _fake_block("/dev/shm", dead, time.time(), namespace=None)
-    try:
-        cmd = [sys.executable, "-m", "compatmp", "doctor"]
-        shown = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert shown.returncode == 0, shown.stderr
-        assert "without a PID namespace" in shown.stdout
-        assert os.path.exists(os.path.join("/dev/shm", name))  # listing removes nothing
-        flag = "--remove-blocks-without-namespace"
-        removed = subprocess.run([*cmd, flag], capture_output=True, text=True, timeout=120)
-        assert removed.returncode == 0, removed.stderr
-        assert name in removed.stdout.split()
-        assert not os.path.exists(os.path.join("/dev/shm", name))
-    finally:
-        if os.path.exists(os.path.join("/dev/shm", name)):
-            os.unlink(os.path.join("/dev/shm", name))
+def test_doctor_lists_and_removes_blocks_without_namespace(private_shm_dir, capsys):
+    # The command line (`python -m compatmp doctor`, run in-process) on this test's own
+    # folder: in the real /dev/shm another test run's doctor may remove what this one
+    # planted (found running two copies of the suite side by side).
+    from compatmp.__main__ import main
+
+    name = _fake_block(private_shm_dir, _dead_pid(), time.time(), namespace=None)
+    assert main(["doctor"]) == 0
+    shown = capsys.readouterr().out
+    assert "Decision:" in shown and "without a PID namespace: 1 " in shown
+    assert name in shown and os.listdir(private_shm_dir) == [name]  # listing removes nothing
+    assert main(["doctor", "--remove-blocks-without-namespace"]) == 0
+    assert name in capsys.readouterr().out.split()
+    assert os.listdir(private_shm_dir) == []
 
 
 needs_root = pytest.mark.skipif(

@@ -300,3 +300,5 @@ def test_doctor_command_prints_the_report():
     assert "Decision: fork" in proc.stdout
     assert "the decision becomes: forkserver" in proc.stdout
     assert "Other methods here:" in proc.stdout
+    if os.path.isdir("/dev/shm"):  # the free space and this user's blocks (Linux)
+        assert "Shared memory (/dev/shm):" in proc.stdout
