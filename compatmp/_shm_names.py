@@ -317,36 +317,14 @@ def sweep_dead_owners() -> list[str]:
     namespace = current_pid_namespace()
     if namespace is None:
         return []
-    try:
-        entries = os.listdir(_SHM_DIR)
-    except OSError:
-        return []
-    uid = os.geteuid()
-    verdict: dict[tuple[int, int], bool] = {}
-    done = []
-    for name in sorted(entries):
-        m = _NAME_RE.match(name)
-        if m is None or int(m.group(2)) != namespace:
-            continue
-        path = os.path.join(_SHM_DIR, name)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
-            continue
-        pid = int(m.group(1))
-        key = (pid, int(st.st_mtime))
-        if key not in verdict:
-            verdict[key] = _owner_alive(pid, st.st_mtime)
-        if verdict[key]:
-            continue
-        try:
-            os.unlink(path)
-        except OSError:  # gone meanwhile, or not ours to remove
-            continue
-        done.append(name)
-    return done
+    return _unlink_dead_owners(
+        [
+            (name, st)
+            for name, st in _this_users_blocks(_NAME_RE)
+            if int(_NAME_RE.match(name).group(2)) == namespace  # type: ignore[union-attr]
+        ],
+        _NAME_RE,
+    )
 
 
 def _this_users_blocks(pattern: re.Pattern[str]) -> list[tuple[str, os.stat_result]]:
@@ -367,6 +345,34 @@ def _this_users_blocks(pattern: re.Pattern[str]) -> list[tuple[str, os.stat_resu
         if stat.S_ISREG(st.st_mode) and st.st_uid == uid:
             found.append((name, st))
     return found
+
+
+def _unlink_dead_owners(
+    blocks: list[tuple[str, os.stat_result]], pattern: re.Pattern[str]
+) -> list[str]:
+    """Unlink the ``blocks`` (from :func:`_this_users_blocks`) whose owner is gone.
+
+    The owner is the pid in group 1 of ``pattern``; it is gone when :func:`_owner_alive` says
+    so for the block's ``st_mtime`` (asked once per pid and second).
+
+    Returns:
+        list[str]: names of the blocks unlinked.
+    """
+    verdict: dict[tuple[int, int], bool] = {}
+    done = []
+    for name, st in blocks:
+        pid = int(pattern.match(name).group(1))  # type: ignore[union-attr]
+        key = (pid, int(st.st_mtime))
+        if key not in verdict:
+            verdict[key] = _owner_alive(pid, st.st_mtime)
+        if verdict[key]:
+            continue
+        try:
+            os.unlink(os.path.join(_SHM_DIR, name))
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        done.append(name)
+    return done
 
 
 def blocks_without_namespace() -> list[tuple[str, int]]:
@@ -398,18 +404,7 @@ def remove_blocks_without_namespace() -> list[str]:
     Returns:
         list[str]: names of the blocks unlinked.
     """
-    done = []
-    for name, st in _this_users_blocks(_SHORT_NAME_RE):
-        m = _SHORT_NAME_RE.match(name)
-        assert m is not None
-        if _owner_alive(int(m.group(1)), st.st_mtime):
-            continue
-        try:
-            os.unlink(os.path.join(_SHM_DIR, name))
-        except OSError:  # gone meanwhile
-            continue
-        done.append(name)
-    return done
+    return _unlink_dead_owners(_this_users_blocks(_SHORT_NAME_RE), _SHORT_NAME_RE)
 
 
 def free_bytes() -> int | None:
